@@ -1,0 +1,1 @@
+"""Data: sources (openmoji, folder, urls, hf), the download and shard steps, and loaders."""

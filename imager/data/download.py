@@ -1,0 +1,91 @@
+"""The download step: a source's samples -> ``images/{key}.{ext}`` + ``images/{key}.txt`` +
+``manifest.jsonl`` (one record per sample, sorted by key), built atomically.
+
+The report counts entries seen, kept and skipped by reason. It holds counts only, no timings, so
+that the same inputs give byte-identical outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from imager.config import Download
+from imager.data.records import FORMAT_EXT, Sample, Skip, image_info
+from imager.io import atomic_dir, sha256_bytes, write_jsonl
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.jsonl"
+
+
+def open_source(cfg: Download, fetch_cache: Path | None) -> tuple[Iterator[Sample | Skip], int]:
+    """The chosen source's items and how many entries it will yield (for the progress bar)."""
+    if cfg.source == "openmoji":
+        from imager.data.openmoji import iter_openmoji
+
+        return iter_openmoji(cfg.openmoji, cfg.resolution, cfg.limit)
+    if cfg.source == "folder":
+        from imager.data.folder import iter_folder
+
+        return iter_folder(cfg.folder, cfg.limit)
+    if cfg.source == "urls":
+        from imager.data.urls import iter_urls
+
+        return iter_urls(cfg.urls, cfg.limit, fetch_cache)
+    from imager.data.hf import iter_hf
+
+    return iter_hf(cfg.hf, cfg.limit)
+
+
+def download(cfg: Download, out: Path, fetch_cache: Path | None = None) -> dict[str, Any]:
+    """Write the source's samples under ``out`` (replaced atomically); return the report."""
+    items, total = open_source(cfg, fetch_cache)
+    skipped: Counter[str] = Counter()
+    records: list[dict[str, Any]] = []
+    seen_keys: set[str] = set()
+    with atomic_dir(Path(out)) as tmp:
+        images = tmp / "images"
+        images.mkdir()
+        for item in tqdm(items, total=total, desc=f"download {cfg.source}", unit="img"):
+            if isinstance(item, Skip):
+                skipped[item.reason] += 1
+                continue
+            if item.key in seen_keys:
+                skipped["duplicate_key"] += 1
+                continue
+            seen_keys.add(item.key)
+            info = image_info(item.data)
+            ext = item.ext or (FORMAT_EXT.get(info[0], "img") if info else "bin")
+            name = f"{item.key}.{ext}"
+            (images / name).write_bytes(item.data)
+            (images / f"{item.key}.txt").write_text(item.caption + "\n", encoding="utf-8")
+            records.append(
+                {
+                    "key": item.key,
+                    "caption": item.caption,
+                    "file": f"images/{name}",
+                    "source": cfg.source,
+                    "origin": item.origin,
+                    "licence": item.licence,
+                    "sha256": sha256_bytes(item.data),
+                    "width": info[1] if info else None,
+                    "height": info[2] if info else None,
+                }
+            )
+        records.sort(key=lambda r: r["key"])
+        write_jsonl(tmp / MANIFEST, records)
+    report = {
+        "source": cfg.source,
+        "seen": len(records) + sum(skipped.values()),
+        "kept": len(records),
+        "skipped": sum(skipped.values()),
+        "skipped_by_reason": dict(sorted(skipped.items())),
+    }
+    log.info("download: kept %d of %d (%s)", report["kept"], report["seen"], dict(skipped) or "none skipped")
+    return report

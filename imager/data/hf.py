@@ -1,0 +1,89 @@
+"""A Hugging Face dataset as a source: a hub name, a local dataset folder, or a ``save_to_disk`` dir.
+
+A hub name needs the network (and is never used by the default pipeline or the tests); a local
+folder of data files or a dataset saved with ``Dataset.save_to_disk`` loads offline. Images are
+taken as their original encoded bytes where the dataset keeps them.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+from imager.config import HfSource
+from imager.data.records import Sample, Skip, clean_caption, safe_key
+from imager.errors import SourceError
+
+
+def _open(cfg: HfSource):
+    try:
+        import datasets
+    except ImportError:
+        raise SourceError("the hf source needs the package datasets: pip install datasets") from None
+    name = cfg.name or ""
+    path = Path(name)
+    try:
+        if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if cfg.split not in ds:
+                    raise SourceError(f"download.hf.split: '{cfg.split}' not in {name} (splits: {', '.join(ds)})")
+                ds = ds[cfg.split]
+            return ds
+        return datasets.load_dataset(name, cfg.config, split=cfg.split, revision=cfg.revision)
+    except SourceError:
+        raise
+    except Exception as exc:  # datasets raises many types (FileNotFound, DatasetNotFound, ValueError...)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SourceError(f"download.hf.name: cannot load dataset '{name}' ({first})") from None
+
+
+def _image_bytes(value) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
+        if value.get("bytes"):
+            return value["bytes"]
+        if value.get("path") and Path(value["path"]).is_file():
+            return Path(value["path"]).read_bytes()
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if hasattr(value, "save"):  # a decoded PIL image
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        return buf.getvalue()
+    return None
+
+
+def iter_hf(cfg: HfSource, limit: int | None) -> tuple[Iterator[Sample | Skip], int]:
+    import datasets
+
+    ds = _open(cfg)
+    for column in (cfg.image_column, cfg.caption_column, cfg.key_column):
+        if column is not None and column not in ds.column_names:
+            raise SourceError(f"{cfg.name}: no column '{column}' (columns: {', '.join(ds.column_names)})")
+    if isinstance(ds.features.get(cfg.image_column), datasets.Image):
+        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+
+    def items() -> Iterator[Sample | Skip]:
+        used: set[str] = set()
+        for i, row in enumerate(ds):
+            key = safe_key(str(row[cfg.key_column])) if cfg.key_column else f"{i:08d}"
+            origin = f"{cfg.name}[{cfg.split}][{i}]"
+            data = _image_bytes(row[cfg.image_column])
+            caption = clean_caption(row[cfg.caption_column])
+            if key in used:
+                yield Skip("duplicate_key", origin)
+            elif data is None:
+                yield Skip("no_image", origin)
+            elif not caption:
+                yield Skip("empty_caption", origin)
+            else:
+                used.add(key)
+                yield Sample(key, caption, data, cfg.licence, origin)
+
+    return items(), len(ds)

@@ -1,0 +1,180 @@
+"""Images from a list of URLs (csv/jsonl/parquet of url + caption), as img2dataset users have.
+
+Downloads run concurrently with urllib3's retry support (exponential backoff on connection errors
+and on 429/5xx answers, honouring Retry-After) and a timeout per request. Each fetched file lands in
+a fetch cache atomically, beside a small JSON record of its sha256; a rerun after an interruption
+verifies what is there and fetches only what is missing or corrupt. Expected checksums, when the
+list has them, are verified and a mismatch is skipped as ``checksum_mismatch``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tqdm.auto import tqdm
+
+from imager import __version__
+from imager.config import UrlsSource
+from imager.data.records import Sample, Skip, clean_caption, short_hash
+from imager.data.tables import read_table
+from imager.errors import SourceError
+from imager.io import atomic_write_bytes, atomic_write_json, sha256_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UrlRow:
+    key: str
+    url: str
+    caption: str
+    sha256: str | None
+    licence: str
+
+
+def read_url_list(cfg: UrlsSource, limit: int | None) -> tuple[list[UrlRow], list[Skip]]:
+    """The rows to fetch (first ``limit`` of the list) and the rows skipped while reading it."""
+    columns = [cfg.url_column, cfg.caption_column]
+    rows = read_table(cfg.list or "", columns)[:limit]
+    kept: list[UrlRow] = []
+    skipped: list[Skip] = []
+    seen: set[str] = set()
+    for row in rows:
+        url = str(row.get(cfg.url_column) or "").strip()
+        caption = clean_caption(row.get(cfg.caption_column))
+        expected = row.get(cfg.sha256_column) if cfg.sha256_column else None
+        licence = row.get(cfg.licence_column) if cfg.licence_column else None
+        if urlparse(url).scheme not in ("http", "https") or not urlparse(url).netloc:
+            skipped.append(Skip("invalid_url", url))
+        elif url in seen:
+            skipped.append(Skip("duplicate_url", url))
+        elif not caption:
+            skipped.append(Skip("empty_caption", url))
+        else:
+            seen.add(url)
+            checksum = str(expected).strip().lower() if expected else None
+            kept.append(UrlRow(short_hash(url), url, caption, checksum, str(licence or cfg.licence)))
+    return kept, skipped
+
+
+def _session(cfg: UrlsSource):
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    retry = Retry(
+        total=cfg.retries,
+        connect=cfg.retries,
+        read=cfg.retries,
+        status=cfg.retries,
+        backoff_factor=cfg.backoff,
+        status_forcelist=(408, 425, 429, 500, 502, 503, 504),
+        allowed_methods=frozenset({"GET"}),
+        raise_on_status=False,
+        respect_retry_after_header=True,
+    )
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry, pool_connections=cfg.workers, pool_maxsize=cfg.workers)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers["User-Agent"] = f"imager/{__version__}"
+    return session
+
+
+def _cached(row: UrlRow, cache: Path) -> bool:
+    """True when the fetch cache holds this URL's file, intact and matching any expected checksum."""
+    data, meta = cache / f"{row.key}.data", cache / f"{row.key}.json"
+    if not (data.is_file() and meta.is_file()):
+        return False
+    try:
+        record = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    actual = sha256_bytes(data.read_bytes())
+    return record.get("url") == row.url and record.get("sha256") == actual and row.sha256 in (None, actual)
+
+
+def _get(session, row: UrlRow, cfg: UrlsSource) -> bytes | str:
+    """The body of ``row.url``, or a skip reason. Bodies cut off mid-transfer are retried too."""
+    import requests
+
+    for attempt in range(cfg.retries + 1):
+        if attempt:
+            time.sleep(cfg.backoff * 2 ** (attempt - 1))
+        try:
+            with session.get(row.url, timeout=cfg.timeout, stream=True) as resp:
+                if resp.status_code != 200:
+                    return f"http_{resp.status_code}"
+                if int(resp.headers.get("Content-Length") or 0) > cfg.max_bytes:
+                    return "too_large"
+                body = bytearray()
+                for chunk in resp.iter_content(1 << 16):
+                    body += chunk
+                    if len(body) > cfg.max_bytes:
+                        return "too_large"
+                return bytes(body)
+        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError):
+            continue  # the connection broke mid-body: try again
+        except requests.exceptions.Timeout:
+            return "timeout"
+        except requests.exceptions.RetryError:
+            return "too_many_retries"
+        except (requests.exceptions.ConnectionError, requests.exceptions.InvalidURL):
+            return "connection_error"
+    return "incomplete_body"
+
+
+def _fetch(session, row: UrlRow, cache: Path, cfg: UrlsSource) -> str | None:
+    """Fetch one row into the cache; None on success (or already cached), else the skip reason."""
+    if _cached(row, cache):
+        return None
+    body = _get(session, row, cfg)
+    if isinstance(body, str):
+        return body
+    digest = sha256_bytes(body)
+    if row.sha256 is not None and digest != row.sha256:
+        return "checksum_mismatch"
+    atomic_write_bytes(cache / f"{row.key}.data", body)
+    atomic_write_json(cache / f"{row.key}.json", {"url": row.url, "sha256": digest, "bytes": len(body)})
+    return None
+
+
+def fetch_all(rows: list[UrlRow], cache: Path, cfg: UrlsSource) -> dict[str, str | None]:
+    """Fetch every row concurrently into ``cache``; key -> None (fetched) or a skip reason."""
+    cache.mkdir(parents=True, exist_ok=True)
+    todo = [r for r in rows if not _cached(r, cache)]
+    results: dict[str, str | None] = {r.key: None for r in rows}
+    if len(todo) < len(rows):
+        log.info("fetch cache holds %d of %d files; fetching %d", len(rows) - len(todo), len(rows), len(todo))
+    session = _session(cfg)
+    with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
+        futures = {pool.submit(_fetch, session, row, cache, cfg): row for row in todo}
+        for fut in tqdm(as_completed(futures), total=len(futures), desc="fetch", unit="file"):
+            results[futures[fut].key] = fut.result()
+    return results
+
+
+def iter_urls(cfg: UrlsSource, limit: int | None, cache: Path | None) -> tuple[Iterator[Sample | Skip], int]:
+    if cache is None:
+        raise SourceError("the urls source needs a fetch cache directory (--fetch-cache)")
+    rows, skipped = read_url_list(cfg, limit)
+    results = fetch_all(rows, cache, cfg)
+
+    def items() -> Iterator[Sample | Skip]:
+        yield from skipped
+        for row in rows:
+            reason = results[row.key]
+            if reason is not None:
+                yield Skip(reason, row.url)
+            else:
+                data = (cache / f"{row.key}.data").read_bytes()
+                yield Sample(row.key, row.caption, data, row.licence, row.url)
+
+    return items(), len(rows) + len(skipped)
