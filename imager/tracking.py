@@ -1,0 +1,147 @@
+"""MLflow tracking: the only module of the library that imports mlflow.
+
+Each stage run is one MLflow run named after the stage, holding its params section (flattened),
+its counts and timings as metrics and its report as an artifact, with these tags:
+
+    imager.stage          download, shard, embed, ...
+    imager.git_commit     HEAD of the project's git repository (``imager.git_dirty`` when edited)
+    imager.dvc_exp_name   DVC_EXP_NAME, set by ``dvc exp run``
+    imager.pipeline_run   an id shared by the stages of one pipeline run
+
+The store is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<project>/mlflow.db`` (the project
+is DVC_ROOT under DVC, else the working directory): the store ``mlflow ui`` opens in the project.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TAG_STAGE, TAG_COMMIT, TAG_DIRTY = "imager.stage", "imager.git_commit", "imager.git_dirty"
+TAG_EXP, TAG_PIPELINE = "imager.dvc_exp_name", "imager.pipeline_run"
+PIPELINE_ENV = "IMAGER_PIPELINE_RUN"
+
+
+def project_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd())
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} -> {"a.b": "1"}; None becomes "null"."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = "null" if value is None else str(value)
+    return flat
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=project_root(), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def pipeline_run_id() -> str:
+    """One id for all the stages of one pipeline run.
+
+    ``IMAGER_PIPELINE_RUN`` when set; else derived from the ``dvc`` process this stage runs under
+    (every stage of one ``dvc repro`` / ``dvc exp run`` is its child); else a fresh id.
+    """
+    if os.environ.get(PIPELINE_ENV):
+        return os.environ[PIPELINE_ENV]
+    try:
+        import psutil
+
+        proc = psutil.Process().parent()
+        while proc is not None:
+            head = proc.cmdline()[:3]
+            if any(Path(part).name == "dvc" for part in head[:2]) or head[1:3] == ["-m", "dvc"]:
+                seed = f"{proc.pid}:{proc.create_time()}:{os.uname().nodename}"
+                return hashlib.sha256(seed.encode()).hexdigest()[:16]
+            proc = proc.parent()
+    except Exception:  # psutil missing or a process vanished: fall back to a fresh id
+        pass
+    return uuid.uuid4().hex[:16]
+
+
+def run_tags(stage: str) -> dict[str, str]:
+    tags = {TAG_STAGE: stage, TAG_PIPELINE: pipeline_run_id()}
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags[TAG_COMMIT] = commit
+        tags[TAG_DIRTY] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
+    if os.environ.get("DVC_EXP_NAME"):
+        tags[TAG_EXP] = os.environ["DVC_EXP_NAME"]
+    return tags
+
+
+class StageRun:
+    """What a stage logs into its MLflow run; every method is a no-op when tracking is off."""
+
+    def __init__(self, mlflow_module=None):
+        self._mlflow = mlflow_module
+
+    @property
+    def active(self) -> bool:
+        return self._mlflow is not None
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        if self.active:
+            numeric = {k: float(v) for k, v in flatten(metrics).items() if _is_number(v)}
+            self._mlflow.log_metrics(numeric, step=step)
+
+    def log_dict(self, obj: Mapping[str, Any], name: str) -> None:
+        if self.active:
+            self._mlflow.log_dict(dict(obj), name)
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        if self.active:
+            self._mlflow.log_artifact(str(path), artifact_path=folder)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text not in ("True", "False")
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Mapping[str, Any], *, experiment: str, enabled: bool = True) -> Iterator[StageRun]:
+    """An MLflow run for one stage; marked FAILED (and re-raised) if the stage raises."""
+    if not enabled:
+        yield StageRun(None)
+        return
+    import mlflow
+
+    for name in ("mlflow", "alembic"):  # after the import: mlflow sets its own level on import
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=stage, tags=run_tags(stage)) as run:
+        flat = flatten(params)
+        items = list(flat.items())
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i : i + 100]))
+        log.info("mlflow run %s (%s) in %s", run.info.run_id, stage, tracking_uri())
+        yield StageRun(mlflow)

@@ -1,0 +1,1 @@
+"""DVC stages as Typer commands: parse options and params, call the library, write outputs."""

@@ -1,0 +1,66 @@
+"""What every stage shares: option types, logging, and turning user errors into one line."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from imager import config
+from imager.errors import ImagerError
+from imager.io import atomic_write_json
+from imager.tracking import StageRun, stage_run
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ParamsOption = Annotated[
+    Path, typer.Option("--params", "-p", help="Params file (validated against imager.config).", show_default=True)
+]
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("mlflow", "alembic", "urllib3", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def user_errors(fn: F) -> F:
+    """Run a stage; an :class:`ImagerError` prints ``error: <one line>`` and exits with status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        setup_logging()
+        try:
+            return fn(*args, **kwargs)
+        except ImagerError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted; outputs were left as they were before the run", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load_params(path: Path) -> config.Params:
+    return config.load(path)
+
+
+def finish(run: StageRun, report: dict[str, Any], report_path: Path, started: float) -> None:
+    """Write the report (DVC metrics: counts only, deterministic) and log it with the timing."""
+    atomic_write_json(report_path, report)
+    seconds = time.perf_counter() - started
+    run.log_metrics({**report, "seconds": seconds})
+    run.log_dict(report, "report.json")
+    logging.getLogger("imager").info("report written to %s (%.1f s)", report_path, seconds)
+
+
+def tracked(stage: str, params: config.Params, sections: dict[str, Any]):
+    """The MLflow run of a stage, logging exactly the params sections the stage depends on."""
+    return stage_run(stage, sections, experiment=params.tracking.experiment, enabled=params.tracking.enabled)

@@ -1,0 +1,33 @@
+"""The `imager` command: one subcommand per DVC stage (dvc.yaml passes every path as an option)."""
+
+from __future__ import annotations
+
+import typer
+
+from stages.download import download
+from stages.embed import embed
+from stages.shard import shard
+
+app = typer.Typer(
+    name="imager",
+    help=(
+        "Imager: text-to-image diffusion as a DVC pipeline.\n\n"
+        "Each command is one stage of dvc.yaml: download -> shard -> embed (training and "
+        "evaluation stages follow). Run them all with `dvc repro`; params live in params.yaml."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+app.command()(download)
+app.command()(shard)
+app.command()(embed)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""`imager embed`: encode every caption of the shards once into the text-embedding cache."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from imager.text.cache import META
+from imager.text.embed import embed as embed_captions
+from stages._common import ParamsOption, finish, load_params, tracked, user_errors
+
+
+@user_errors
+def embed(
+    shards: Annotated[Path, typer.Option(help="Shard directory (with index.json).")],
+    out: Annotated[Path, typer.Option(help="Cache directory: embeddings.safetensors, keys.txt, meta.json.")],
+    report: Annotated[Path, typer.Option(help="Report JSON: counts, dims, truncated captions.")],
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Encode captions with `embed.encoder` (minilm, clip or t5) into per-token + pooled fp16
+    embeddings, plus the empty caption's embedding (the classifier-free guidance null condition)."""
+    p = load_params(params)
+    with tracked("embed", p, {"embed": p.embed.model_dump()}) as run:
+        started = time.perf_counter()
+        result = embed_captions(shards, out, p.embed)
+        finish(run, result, report, started)
+        run.log_artifact(out / META)
