@@ -196,7 +196,8 @@ def _describe(err: dict[str, Any]) -> str:
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
     if kind in bounds:
         bound = next(iter(ctx.values()))
-        return f"must be {bounds[kind]} {bound}"
+        shown = f"{bound:g}" if isinstance(bound, (int, float)) else str(bound)
+        return f"must be {bounds[kind]} {shown}"
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected', '')}"
     if kind == "string_too_short":

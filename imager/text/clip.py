@@ -37,6 +37,8 @@ class ClipTextEncoder:
         self.token_dim = int(self._norm.normalized_shape[0])
         inner = getattr(tokenizer, "tokenizer", None)
         self._pad = int(getattr(inner, "pad_token_id", None) or 0)
+        eot = getattr(tokenizer, "eot_token_id", None)  # CLIP's BPE: id 0 is a real token ("!")
+        self._eot = None if eot is None else int(eot)
         with torch.no_grad():
             self.pooled_dim = int(model.encode_text(tokenizer([""])).shape[-1])
 
@@ -50,7 +52,12 @@ class ClipTextEncoder:
         finally:
             handle.remove()
         states = captured[0]  # (B, n_ctx, width)
-        real = ids != self._pad  # (B, n_ctx)
+        if self._eot is not None:  # real tokens: up to and including the first end-of-text
+            is_eot = ids == self._eot  # (B, n_ctx)
+            last = torch.where(is_eot.any(1), is_eot.int().argmax(1), ids.shape[1] - 1)  # (B,)
+            real = torch.arange(ids.shape[1]).unsqueeze(0) <= last.unsqueeze(1)  # (B, n_ctx)
+        else:
+            real = ids != self._pad  # (B, n_ctx)
         truncated = int((real.sum(1) > self.max_length).sum())
         mask = real[:, : self.max_length]
         tokens = states[:, : self.max_length] * mask.unsqueeze(-1)

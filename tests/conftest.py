@@ -1,0 +1,56 @@
+"""Shared fixtures: an offline environment, one MLflow store per session, tiny params files."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory) -> str:
+    # One sqlite store for the whole session: creating its tables takes seconds.
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(autouse=True)
+def _offline_env(monkeypatch, mlflow_uri):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    for var in ("DVC_EXP_NAME", "DVC_ROOT", "IMAGER_PIPELINE_RUN"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def tiny_params(**sections) -> dict:
+    """Tiny, fast params for stage tests; keyword args replace whole sections."""
+    params = {
+        "tracking": {"enabled": False, "experiment": "tests"},
+        "download": {"source": "openmoji", "resolution": 32, "limit": 24},
+        "shard": {"resolution": 16, "val_fraction": 0.25, "samples_per_shard": 8},
+        "embed": {"encoder": "minilm", "max_length": 8, "batch_size": 16},
+    }
+    params.update(sections)
+    return params
+
+
+@pytest.fixture
+def write_params(tmp_path):
+    def write(data: dict, name: str = "params.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        return path
+
+    return write
+
+
+def png_bytes(color=(255, 0, 0), size=(16, 16), mode="RGB", fmt="PNG", **save) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format=fmt, **save)
+    return buf.getvalue()

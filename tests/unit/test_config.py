@@ -1,0 +1,88 @@
+"""Every validation message path of imager.config: one line naming the key, the problem, the value."""
+
+from __future__ import annotations
+
+import pytest
+
+from imager import config
+from imager.errors import ConfigError
+
+
+def error_of(data) -> str:
+    with pytest.raises(ConfigError) as info:
+        config.parse(data)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_defaults_match_the_shipped_params_file():
+    from tests.conftest import REPO
+
+    assert config.load(REPO / "params.yaml") == config.parse({})
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"shard": {"resolution": 30}}, "params.yaml: shard.resolution: must be a positive multiple of 8, got 30"),
+        ({"shard": {"resolution": -8}}, "params.yaml: shard.resolution: must be a positive multiple of 8, got -8"),
+        ({"shard": {"resolutoin": 64}}, "params.yaml: shard.resolutoin: unknown key"),
+        ({"shards": {}}, "params.yaml: shards: unknown key"),
+        ({"download": {"urls": {"wokers": 2}}}, "params.yaml: download.urls.wokers: unknown key"),
+        ({"sampler": "dpm"}, "params.yaml: sampler: must be one of 'ddpm', 'ddim', 'dpmpp_2m', 'euler', 'euler_ancestral' or 'heun', got 'dpm'"),
+        ({"download": {"source": "s3"}}, "params.yaml: download.source: must be one of 'openmoji', 'folder', 'urls' or 'hf', got 's3'"),
+        ({"download": {"limit": 0}}, "params.yaml: download.limit: must be > 0, got 0"),
+        ({"shard": {"val_fraction": 1.0}}, "params.yaml: shard.val_fraction: must be < 1, got 1.0"),
+        ({"shard": {"val_fraction": -0.1}}, "params.yaml: shard.val_fraction: must be >= 0, got -0.1"),
+        ({"embed": {"max_length": 1}}, "params.yaml: embed.max_length: must be >= 2, got 1"),
+        ({"download": {"urls": {"workers": 1000}}}, "params.yaml: download.urls.workers: must be <= 256, got 1000"),
+        ({"shard": {"samples_per_shard": "many"}}, "params.yaml: shard.samples_per_shard: must be an integer, got 'many'"),
+        ({"shard": {"samples_per_shard": 2.5}}, "params.yaml: shard.samples_per_shard: must be an integer, got 2.5"),
+        ({"shard": {"max_aspect": "wide"}}, "params.yaml: shard.max_aspect: must be a number, got 'wide'"),
+        ({"tracking": {"enabled": "maybe"}}, "params.yaml: tracking.enabled: must be true or false, got 'maybe'"),
+        ({"tracking": {"experiment": ""}}, "params.yaml: tracking.experiment: must not be empty, got ''"),
+        ({"download": {"folder": {"path": 3}}}, "params.yaml: download.folder.path: must be a string, got 3"),
+        ({"download": 3}, "params.yaml: download: must be a mapping of keys to values"),
+        ({"download": {"source": "folder"}}, "params.yaml: download.folder.path: required when download.source is 'folder'"),
+        ({"download": {"source": "urls"}}, "params.yaml: download.urls.list: required when download.source is 'urls'"),
+        ({"download": {"source": "hf"}}, "params.yaml: download.hf.name: required when download.source is 'hf'"),
+        ({"shard": {"min_side": 100, "max_side": 10}}, "params.yaml: shard.min_side: must not exceed max_side (10), got 100"),
+        ({"embed": {"encoder": "bert"}}, "params.yaml: embed.encoder: must be one of 'minilm', 'clip' or 't5', got 'bert'"),
+        ({"shard": {"odd_modes": "keep"}}, "params.yaml: shard.odd_modes: must be one of 'skip' or 'convert', got 'keep'"),
+        ([1, 2], "params.yaml: must be a mapping of sections, got list"),
+    ],
+)
+def test_bad_values_name_key_problem_and_value(data, expected):
+    assert error_of(data) == expected
+
+
+def test_several_errors_report_the_first_and_a_count():
+    message = error_of({"shard": {"resolution": 30, "val_fraction": 2}})
+    assert message.startswith("params.yaml: shard.resolution: must be a positive multiple of 8, got 30")
+    assert message.endswith("(and 1 more)")
+
+
+def test_empty_file_means_all_defaults(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("", encoding="utf-8")
+    assert config.load(path) == config.Params()
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"params.yaml: params file not found$"):
+        config.load(tmp_path / "params.yaml")
+
+
+def test_invalid_yaml_names_line_and_column(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("shard:\n  resolution: [64\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value).startswith("params.yaml: invalid YAML at line 3")
+
+
+def test_sections_are_frozen():
+    params = config.parse({})
+    with pytest.raises(Exception):
+        params.shard.resolution = 32  # type: ignore[misc]
