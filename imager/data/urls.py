@@ -112,7 +112,8 @@ def _get(session, row: UrlRow, cfg: UrlsSource) -> bytes | str:
             with session.get(row.url, timeout=cfg.timeout, stream=True) as resp:
                 if resp.status_code != 200:
                     return f"http_{resp.status_code}"
-                if int(resp.headers.get("Content-Length") or 0) > cfg.max_bytes:
+                declared = resp.headers.get("Content-Length", "").strip()  # may be unreadable: then ignored
+                if declared.isdigit() and int(declared) > cfg.max_bytes:
                     return "too_large"
                 body = bytearray()
                 for chunk in resp.iter_content(1 << 16):
@@ -126,9 +127,18 @@ def _get(session, row: UrlRow, cfg: UrlsSource) -> bytes | str:
             return "timeout"
         except requests.exceptions.RetryError:
             return "too_many_retries"
-        except (requests.exceptions.ConnectionError, requests.exceptions.InvalidURL):
+        except (requests.exceptions.ConnectionError, requests.exceptions.InvalidURL) as exc:
             return "connection_error"
     return "incomplete_body"
+
+
+def _read_timed_out(exc: Exception) -> bool:
+    """True when requests raised ConnectionError for a read timeout: it does so once urllib3 has
+    retried the timeout (MaxRetryError) and for a timeout in the middle of a streamed body."""
+    from urllib3.exceptions import MaxRetryError, ReadTimeoutError
+
+    cause = exc.args[0] if exc.args else None
+    return isinstance(getattr(cause, "reason", None) if isinstance(cause, MaxRetryError) else cause, ReadTimeoutError)
 
 
 def _fetch(session, row: UrlRow, cache: Path, cfg: UrlsSource) -> str | None:
