@@ -128,7 +128,7 @@ def _get(session, row: UrlRow, cfg: UrlsSource) -> bytes | str:
         except requests.exceptions.RetryError:
             return "too_many_retries"
         except (requests.exceptions.ConnectionError, requests.exceptions.InvalidURL) as exc:
-            return "connection_error"
+            return "timeout" if _read_timed_out(exc) else "connection_error"
     return "incomplete_body"
 
 

@@ -104,7 +104,7 @@ class EmbeddingCache:
         if not (path / TENSORS).is_file():
             raise DataError(f"{path}: no embedding cache; run `imager embed` first (or `dvc repro embed`)")
         self.meta: dict[str, Any] = json.loads((path / META).read_text(encoding="utf-8"))
-        self.keys = (path / KEYS).read_text(encoding="utf-8").split()
+        self.keys = (path / KEYS).read_text(encoding="utf-8").splitlines()
         self._row = {k: i for i, k in enumerate(self.keys)}
         t = load_file(str(path / TENSORS))
         self.tokens, self.mask, self.pooled = t["tokens"], t["mask"], t["pooled"]

@@ -67,3 +67,10 @@ def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path):
     changed = sh(project, "dvc", "repro")
     assert "Running stage 'embed'" in changed and "Running stage 'shard'" not in changed
     assert "Running stage 'download'" not in changed
+
+    # `dvc exp run -S sampler=...` sets the top-level key; no data stage depends on it, so none runs.
+    exp = sh(project, "dvc", "exp", "run", "-S", "sampler=ddim", "-n", "try-ddim")
+    assert "Running stage" not in exp
+    shown = sh(project, "dvc", "exp", "show", "--md", "--no-pager")
+    assert "try-ddim" in shown and "ddim" in shown
+    assert yaml.safe_load((project / "params.yaml").read_text())["sampler"] == "ddim"

@@ -196,7 +196,7 @@ def test_clip_matches_open_clip(clip_files, how):
     _, states, mask, pooled = reference_clip(model, CLIP_CAPTIONS, 8)
     assert emb.tokens.shape == (4, 8, 32) and emb.pooled.shape == (4, 16)
     assert emb.mask.tolist() == mask.tolist()
-    assert emb.mask.sum(1).tolist() == [4, 5, 5, 2]
+    assert emb.mask.sum(1).tolist() == [4, 5, 5, 2]  # BPE tokens + start/end: red|heart, flag|:|japan, !|~|wow, -
     assert_zero_padding(emb)
     torch.testing.assert_close(emb.tokens, states * mask.unsqueeze(-1), **FP32)
     torch.testing.assert_close(emb.pooled, pooled, **FP32)  # weights loaded: the saved model's outputs
@@ -225,7 +225,7 @@ def test_clip_truncation(clip_files):
     [
         ({"model": "no-such-model"}, "embed.clip.model", ["no-such-model", "local-dir:"]),
         ({"model": "ViT-B-32"}, "embed.clip.pretrained", ["required"]),
-        ({"model": "ViT-B-32", "pretrained": "openai"}, "embed.clip.pretrained", ["needs a download", "allow_download"]),
+        ({"model": "ViT-B-32", "pretrained": "openai"}, "embed.clip.pretrained", ["a download", "allow_download"]),
         ({"model": "ViT-B-32", "pretrained": "/no/such/weights.safetensors"}, "embed.clip.pretrained", ["neither"]),
         ({"model": "local-dir:/no/such/folder"}, "embed.clip.model", ["/no/such/folder"]),
     ],
@@ -347,7 +347,7 @@ def cache_dir(tmp_path_factory):
 
 
 def test_cache_round_trip(cache_dir):
-    out, report = cache_dir
+    out, _ = cache_dir
     cache = EmbeddingCache(out)
     assert len(cache) == 5 and cache.keys == KEYS_ and "s003" in cache and "nope" not in cache
     assert (out / KEYS).read_text().splitlines() == KEYS_
