@@ -8,8 +8,6 @@ from typing import Annotated
 
 import typer
 
-from imager.text.cache import META
-from imager.text.embed import embed as embed_captions
 from stages._common import ParamsOption, finish, load_params, tracked, user_errors
 
 
@@ -22,6 +20,9 @@ def embed(
 ) -> None:
     """Encode captions with `embed.encoder` (minilm, clip or t5) into per-token + pooled fp16
     embeddings, plus the empty caption's embedding (the classifier-free guidance null condition)."""
+    from imager.text.cache import META  # torch and transformers load only when this stage runs
+    from imager.text.embed import embed as embed_captions
+
     p = load_params(params)
     with tracked("embed", p, {"embed": p.embed.model_dump()}) as run:
         started = time.perf_counter()
