@@ -83,6 +83,8 @@ def test_invalid_yaml_names_line_and_column(tmp_path):
 
 
 def test_sections_are_frozen():
+    from pydantic import ValidationError
+
     params = config.parse({})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         params.shard.resolution = 32  # type: ignore[misc]

@@ -1,0 +1,35 @@
+"""The library's house rules: importing it has no side effects, and only tracking imports mlflow."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_only_tracking_imports_mlflow():
+    importers = []
+    for path in sorted((REPO / "imager").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
+                importers.append(path.relative_to(REPO).as_posix())
+    assert sorted(set(importers)) == ["imager/tracking.py"]
+
+
+def test_importing_every_module_writes_nothing_and_loads_no_mlflow(tmp_path):
+    modules = sorted(
+        ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        for p in (REPO / "imager").rglob("*.py")
+    )
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "assert 'mlflow' not in sys.modules, 'mlflow imported at import time'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert list(tmp_path.iterdir()) == []
