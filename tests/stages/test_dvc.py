@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import yaml
 
 from tests.conftest import REPO, tiny_params
@@ -28,7 +29,13 @@ def lock_hashes(project: Path) -> dict:
     return {name: [(o["path"], o["md5"]) for o in stage.get("outs", [])] for name, stage in lock["stages"].items()}
 
 
-def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path):
+def pipeline_ids(experiment: str) -> list[tuple[str, str, str]]:
+    """(pipeline id, stage, dvc experiment name) of every MLflow run, oldest first."""
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list", order_by=["attributes.start_time ASC"])
+    return [(r.data.tags["imager.pipeline_run"], r.data.tags["imager.stage"], r.data.tags.get("imager.dvc_exp_name", "")) for r in runs]
+
+
+def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, mlflow_uri):
     project = tmp_path / "project"
     project.mkdir()
     for item in ("dvc.yaml", ".dvcignore", "imager", "stages"):
@@ -37,7 +44,11 @@ def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path):
             shutil.copytree(src, project / item, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, project / item)
-    params = tiny_params(download={"limit": 12, "resolution": 16}, shard={"resolution": 16, "val_fraction": 0.25, "samples_per_shard": 4})
+    params = tiny_params(
+        tracking={"enabled": True, "experiment": "dvc-e2e"},
+        download={"limit": 12, "resolution": 16},
+        shard={"resolution": 16, "val_fraction": 0.25, "samples_per_shard": 4},
+    )
     (project / "params.yaml").write_text(yaml.safe_dump({"seed": 0, "sampler": "dpmpp_2m", **params}))
     sh(project, "git", "init", "-q")
     sh(project, "dvc", "init", "-q")
@@ -74,3 +85,13 @@ def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path):
     shown = sh(project, "dvc", "exp", "show", "--md", "--no-pager")
     assert "try-ddim" in shown and "ddim" in shown
     assert yaml.safe_load((project / "params.yaml").read_text())["sampler"] == "ddim"
+    sh(project, "dvc", "exp", "run", "-S", "embed.max_length=7", "-n", "short-captions")
+
+    # MLflow: one pipeline id per dvc invocation, shared by the stages it ran; exp runs are tagged.
+    mlflow.set_tracking_uri(mlflow_uri)
+    runs = pipeline_ids("dvc-e2e")
+    stages = ["download", "shard", "embed"]
+    assert [stage for _, stage, _ in runs] == stages + stages + ["embed", "embed"]
+    ids = [pid for pid, _, _ in runs]
+    assert len(set(ids[:3])) == 1 and len(set(ids[3:6])) == 1 and len(set(ids)) == 4
+    assert [exp for _, _, exp in runs] == [""] * 7 + ["short-captions"]
