@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,15 @@ def png_bytes(color=(255, 0, 0), size=(16, 16), mode="RGB", fmt="PNG", **save) -
     buf = io.BytesIO()
     Image.new(mode, size, color).save(buf, format=fmt, **save)
     return buf.getvalue()
+
+
+def make_download(root: Path, files: dict[str, bytes], captions: dict[str, str] | None = None) -> Path:
+    """A download-step output: images/{key}.bin + a manifest, as the download step writes it."""
+    (root / "images").mkdir(parents=True)
+    records = []
+    for key, data in files.items():
+        (root / "images" / f"{key}.bin").write_bytes(data)
+        caption = (captions or {}).get(key, f"caption of {key}")
+        records.append({"key": key, "caption": caption, "file": f"images/{key}.bin", "source": "folder", "licence": "CC0", "sha256": hashlib.sha256(data).hexdigest()})
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root

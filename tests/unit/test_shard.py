@@ -17,23 +17,11 @@ from PIL import Image
 from imager import config
 from imager.data.shard import read_index, shard, shard_paths, split_of
 from imager.errors import DataError
-from tests.conftest import png_bytes
+from tests.conftest import make_download, png_bytes
 
 
 def shard_cfg(**shard):
     return config.parse({"shard": {"resolution": 16, "samples_per_shard": 3, "val_fraction": 0.0, **shard}}).shard
-
-
-def make_download(root: Path, files: dict[str, bytes], captions: dict[str, str] | None = None) -> Path:
-    """A download-step output: images/{key}.bin + a manifest, as the download step writes it."""
-    (root / "images").mkdir(parents=True)
-    records = []
-    for key, data in files.items():
-        (root / "images" / f"{key}.bin").write_bytes(data)
-        caption = (captions or {}).get(key, f"caption of {key}")
-        records.append({"key": key, "caption": caption, "file": f"images/{key}.bin", "source": "folder", "licence": "CC0", "sha256": hashlib.sha256(data).hexdigest()})
-    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return root
 
 
 def png_with_size(width: int, height: int) -> bytes:
