@@ -23,3 +23,11 @@ class SourceError(DataError):
 
 class EncoderError(ImagerError):
     """A text encoder cannot be loaded (missing local files, unknown model name, ...)."""
+
+
+class CheckpointError(ImagerError):
+    """A model checkpoint is missing, not a safetensors file, or does not match its stored config."""
+
+
+class SamplerError(ImagerError):
+    """An unknown sampler name, or an option the chosen sampler does not take."""

@@ -170,6 +170,8 @@ class NoiseSchedule:
             raise ValueError(f"steps must be >= 1, got {steps}")
         n = self.num_steps
         if spacing in ("linspace", "leading", "trailing"):
+            if steps > n:
+                raise ValueError(f"{spacing} spacing picks discrete steps: steps must be <= {n} timesteps, got {steps}")
             if spacing == "linspace":
                 idx = torch.linspace(n - 1, 0, steps, dtype=F64).round()
             elif spacing == "leading":

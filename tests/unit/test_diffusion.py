@@ -142,6 +142,15 @@ def test_sampling_sigmas(spacing):
         assert torch.allclose(sig[:-1].log().diff(), sig[:-1].log().diff()[0].expand(9), atol=1e-12)
 
 
+def test_discrete_spacings_refuse_more_steps_than_timesteps():
+    s = NoiseSchedule.from_config(ScheduleConfig(name="linear", timesteps=10))
+    for spacing in ("linspace", "leading", "trailing"):
+        assert s.sampling_sigmas(10, spacing).shape == (11,)
+        with pytest.raises(ValueError, match="steps must be <= 10 timesteps, got 11"):
+            s.sampling_sigmas(11, spacing)
+    assert s.sampling_sigmas(50, "karras").shape == (51,)  # continuous spacings take any count
+
+
 def test_schedule_config_errors_name_the_key():
     cases = [
         ({"name": "linear", "beta_start": 0.02, "beta_end": 0.01}, "beta_start: must be < beta_end"),
