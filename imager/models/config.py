@@ -1,0 +1,96 @@
+"""The UNet's frozen config: everything needed to rebuild the network, and nothing else.
+
+This module must not import torch: it is embedded in params.yaml sections (``train_base.model``,
+``train_sr.model``) and read by stages that never build a network. A checkpoint stores this config
+as JSON beside the weights, so ``load_model`` rebuilds the exact network from the file alone.
+
+Every check raises a ``ValueError`` whose message starts with the field it is about, e.g.
+``attention_levels: level 3 is out of range for 2 levels in channel_mults (valid: 0..1)``, which
+:func:`imager.config.format_validation_error` turns into one line naming the key.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from imager.config import Section
+
+
+class UNetConfig(Section):
+    """An Imagen/ADM-family text-conditional UNet (base or super-resolution).
+
+    Level ``i`` of the UNet runs at resolution ``H / 2**i`` with ``base_channels * channel_mults[i]``
+    channels; ``attention_levels`` lists the levels (0 = full resolution) whose blocks get
+    self-attention, cross-attention to the text tokens and a feed-forward. The middle block always has
+    them. Input H and W must be multiples of :attr:`resolution_multiple`.
+    """
+
+    in_channels: int = Field(3, gt=0)  # C of the image (the SR model also takes C lowres channels)
+    out_channels: int = Field(3, gt=0)  # channels of the prediction (eps, v or x0; same C as x)
+    base_channels: int = Field(64, gt=0)  # channels at level 0; a multiple of norm_groups
+    channel_mults: tuple[int, ...] = (1, 2, 2)  # one positive multiplier per resolution level
+    num_res_blocks: int = Field(2, ge=1)  # ResBlocks per level on the way down (one more going up)
+    attention_levels: tuple[int, ...] = (1, 2)  # levels with self- + cross-attention
+    head_dim: int = Field(32, gt=0)  # channels per attention head
+    dropout: float = Field(0.0, ge=0, lt=1)  # inside ResBlocks, before the last conv
+    text_dim: int = Field(384, gt=0)  # D of the per-token text embeddings (B, L, D)
+    pooled_dim: int = Field(384, gt=0)  # P of the pooled text embedding (B, P)
+    context_length: int = Field(32, gt=0)  # L, tokens per caption (= embed.max_length)
+    null_embedding: Literal["cached", "learned"] = "cached"  # unconditional input of CFG
+    super_resolution: bool = False  # take a low-resolution image and its noise-aug level too
+    lowres_upsample: Literal["bilinear", "bicubic"] = "bilinear"  # how lowres is resized to x's size
+    norm_groups: int = Field(32, gt=0)  # GroupNorm groups in ResBlocks
+
+    @field_validator("channel_mults")
+    @classmethod
+    def _positive_mults(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v:
+            raise ValueError("must list at least one level")
+        if any(m <= 0 for m in v):
+            raise ValueError("every multiplier must be a positive integer")
+        return v
+
+    @field_validator("attention_levels")
+    @classmethod
+    def _unique_levels(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError("levels must not repeat")
+        return tuple(sorted(v))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> UNetConfig:
+        if self.base_channels % self.norm_groups:
+            raise ValueError(
+                f"base_channels: must be a multiple of norm_groups ({self.norm_groups}), got {self.base_channels}"
+            )
+        levels = len(self.channel_mults)
+        for level in self.attention_levels:
+            if not 0 <= level < levels:
+                raise ValueError(
+                    f"attention_levels: level {level} is out of range for {levels} levels in channel_mults "
+                    f"(valid: 0..{levels - 1})"
+                )
+        for level in (*self.attention_levels, levels - 1):  # the middle block runs at the last level
+            channels = self.base_channels * self.channel_mults[level]
+            if channels % self.head_dim:
+                raise ValueError(
+                    f"head_dim: must divide the {channels} channels of attention level {level}, got {self.head_dim}"
+                )
+        return self
+
+    @property
+    def resolution_multiple(self) -> int:
+        """Input H and W must be multiples of this: one factor 2 per downsampling."""
+        return 2 ** (len(self.channel_mults) - 1)
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        """Channels of each level: ``base_channels * channel_mults[i]``."""
+        return tuple(self.base_channels * m for m in self.channel_mults)
+
+    @property
+    def emb_dim(self) -> int:
+        """Width of the time/condition embedding fed to every ResBlock (4 × base, as in ADM)."""
+        return 4 * self.base_channels
