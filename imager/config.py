@@ -14,18 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from imager.errors import ConfigError
+from imager.schema import Section
+from imager.training.config import TrainBase, TrainSR
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "euler_ancestral", "heun")
 Sampler = Literal["ddpm", "ddim", "dpmpp_2m", "euler", "euler_ancestral", "heun"]
-
-
-class Section(BaseModel):
-    """Base for every section: unknown keys are errors, values are immutable once loaded."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # --------------------------------------------------------------------------------------- shared
@@ -150,11 +146,15 @@ class T5Encoder(Section):
     name_or_path: str = "google-t5/t5-small"  # a hub name (needs download) or a local folder
 
 
+DEFAULT_PROMPTS = ("grinning face", "red heart", "flag: Japan", "green apple", "smiling face with sunglasses", "rainbow")
+
+
 class Embed(Section):
     encoder: Literal["minilm", "clip", "t5"] = "minilm"
     max_length: int = Field(32, ge=2, le=512)  # tokens kept per caption
     batch_size: int = Field(128, gt=0)
     allow_download: bool = False  # may an encoder fetch weights from a hub? never by default
+    prompts: tuple[str, ...] = Field(DEFAULT_PROMPTS, min_length=1)  # also encoded: sample-grid prompts
     minilm: MiniLMEncoder = MiniLMEncoder()
     clip: ClipEncoder = ClipEncoder()
     t5: T5Encoder = T5Encoder()
@@ -170,6 +170,8 @@ class Params(Section):
     download: Download = Download()
     shard: Shard = Shard()
     embed: Embed = Embed()
+    train_base: TrainBase = TrainBase()
+    train_sr: TrainSR = TrainSR()
 
 
 # ------------------------------------------------------------------------------------- messages

@@ -7,18 +7,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from imager.schema import Section
 
 ScheduleName = Literal["linear", "scaled_linear", "cosine", "sigmoid", "custom_betas", "log_snr"]
 Prediction = Literal["eps", "x0", "v"]
 Spacing = Literal["linspace", "leading", "trailing", "karras", "exponential"]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ScheduleConfig(_Frozen):
+class ScheduleConfig(Section):
     """A discrete noise schedule of ``timesteps`` steps.
 
     linear          betas evenly spaced in [beta_start, beta_end]            (Ho et al. 2020)
@@ -63,7 +61,7 @@ class ScheduleConfig(_Frozen):
         return len(self.betas) if self.name == "custom_betas" and self.betas else self.timesteps
 
 
-class LossConfig(_Frozen):
+class LossConfig(Section):
     """What the network predicts and how timesteps are weighted in the loss.
 
     prediction   eps (the noise), x0 (the clean image) or v = α·ε − σ·x0 (Salimans & Ho 2022)

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from imager.config import Section
+from imager.schema import Section
 
 
 class UNetConfig(Section):

@@ -5,8 +5,9 @@ Layout of the cache directory::
 
     embeddings.safetensors   tokens (N, L, D) fp16 · mask (N, L) bool · pooled (N, P) fp16
                              null_tokens (L, D) · null_mask (L,) · null_pooled (P,)  (empty caption)
+                             prompt_tokens (K, L, D) · prompt_mask (K, L) · prompt_pooled (K, P)
     keys.txt                 N shard keys, one per line, in row order
-    meta.json                encoder id, dims, max length, dtype, count
+    meta.json                encoder id, dims, max length, dtype, count, the K prompts
 
 Row ``i`` belongs to the shard sample whose key is line ``i`` of keys.txt. The null rows are the
 embedding of the empty caption: the unconditional input of classifier-free guidance.
@@ -48,8 +49,16 @@ def read_captions(shards: Sequence[Path]) -> tuple[list[str], list[str]]:
     return keys, captions
 
 
-def build_cache(keys: list[str], captions: list[str], encoder: TextEncoder, out: Path, batch_size: int) -> dict[str, Any]:
-    """Encode ``captions`` (aligned with ``keys``) and write the cache to ``out`` atomically."""
+def build_cache(
+    keys: list[str],
+    captions: list[str],
+    encoder: TextEncoder,
+    out: Path,
+    batch_size: int,
+    prompts: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Encode ``captions`` (aligned with ``keys``) and the sampling ``prompts``; write the cache to
+    ``out`` atomically."""
     from safetensors.torch import save_file
 
     if len(set(keys)) != len(keys):
@@ -70,6 +79,11 @@ def build_cache(keys: list[str], captions: list[str], encoder: TextEncoder, out:
             bar.update(end - start)
     rows = torch.tensor([row_of[c] for c in captions], dtype=torch.long)
     null = encoder.encode([""])
+    if prompts:
+        extra = encoder.encode(list(prompts))
+        p_tokens, p_mask, p_pooled = extra.tokens.to(DTYPE), extra.mask, extra.pooled.to(DTYPE)
+    else:
+        p_tokens, p_mask, p_pooled = tokens[:0], mask[:0], pooled[:0]
     tensors = {
         "tokens": tokens[rows].contiguous(),
         "mask": mask[rows].contiguous(),
@@ -77,6 +91,9 @@ def build_cache(keys: list[str], captions: list[str], encoder: TextEncoder, out:
         "null_tokens": null.tokens[0].to(DTYPE).contiguous(),
         "null_mask": null.mask[0].contiguous(),
         "null_pooled": null.pooled[0].to(DTYPE).contiguous(),
+        "prompt_tokens": p_tokens.contiguous(),
+        "prompt_mask": p_mask.contiguous(),
+        "prompt_pooled": p_pooled.contiguous(),
     }
     meta = {
         "encoder": encoder.id,
@@ -86,6 +103,7 @@ def build_cache(keys: list[str], captions: list[str], encoder: TextEncoder, out:
         "token_dim": encoder.token_dim,
         "pooled_dim": encoder.pooled_dim,
         "dtype": "float16",
+        "prompts": list(prompts),
     }
     with atomic_dir(Path(out)) as tmp:
         save_file(tensors, str(tmp / TENSORS))
@@ -109,6 +127,8 @@ class EmbeddingCache:
         t = load_file(str(path / TENSORS))
         self.tokens, self.mask, self.pooled = t["tokens"], t["mask"], t["pooled"]
         self.null_tokens, self.null_mask, self.null_pooled = t["null_tokens"], t["null_mask"], t["null_pooled"]
+        self.prompts: list[str] = list(self.meta.get("prompts", []))
+        self.prompt_tokens, self.prompt_mask, self.prompt_pooled = t["prompt_tokens"], t["prompt_mask"], t["prompt_pooled"]
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -19,4 +19,4 @@ def embed(shards_dir: Path, out: Path, cfg: Embed) -> dict[str, Any]:
     if not keys:
         raise DataError(f"{shards_dir}: the shards hold no samples")
     encoder = load_text_encoder(cfg)
-    return build_cache(keys, captions, encoder, Path(out), cfg.batch_size)
+    return build_cache(keys, captions, encoder, Path(out), cfg.batch_size, cfg.prompts)

@@ -33,3 +33,9 @@ def test_importing_every_module_writes_nothing_and_loads_no_mlflow(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_params_validation_does_not_load_torch():
+    code = "import sys, imager.config; imager.config.parse({}); assert 'torch' not in sys.modules"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr

@@ -378,7 +378,7 @@ def test_cache_meta_and_report(cache_dir):
     out, report = cache_dir
     meta = json.loads((out / META).read_text())
     assert meta == {"encoder": "fake:v1", "count": 5, "unique_captions": 4, "max_length": 4,
-                    "token_dim": 8, "pooled_dim": 5, "dtype": "float16"}
+                    "token_dim": 8, "pooled_dim": 5, "dtype": "float16", "prompts": []}
     assert EmbeddingCache(out).meta == meta
     assert report == {**meta, "truncated": 1}  # one distinct caption longer than 4 tokens
 
@@ -389,6 +389,17 @@ def test_cache_encodes_each_distinct_caption_once(tmp_path):
     *batches, null = enc.calls
     assert [len(b) for b in batches] == [3, 1] and null == [""]
     assert sorted(c for b in batches for c in b) == sorted(set(CAPS_))
+
+
+def test_cache_holds_the_sampling_prompts(tmp_path):
+    enc = FakeEncoder()
+    build_cache(KEYS_, CAPS_, enc, tmp_path / "c", batch_size=3, prompts=["a red heart", "flag: Japan"])
+    cache = EmbeddingCache(tmp_path / "c")
+    assert cache.prompts == ["a red heart", "flag: Japan"] == cache.meta["prompts"]
+    ref = FakeEncoder().encode(["a red heart", "flag: Japan"])
+    assert torch.equal(cache.prompt_tokens, ref.tokens.half()) and torch.equal(cache.prompt_mask, ref.mask)
+    assert torch.equal(cache.prompt_pooled, ref.pooled.half())
+    assert len(cache) == len(KEYS_)  # prompts are not samples
 
 
 def test_cache_is_deterministic(cache_dir, tmp_path):
