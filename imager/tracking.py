@@ -112,6 +112,11 @@ class StageRun:
         if self.active:
             self._mlflow.log_dict(dict(obj), name)
 
+    def log_image(self, image, artifact_file: str) -> None:
+        """A PIL image as a PNG artifact (e.g. ``grids/step-0000500.png``)."""
+        if self.active:
+            self._mlflow.log_image(image, artifact_file=artifact_file)
+
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if self.active:
             self._mlflow.log_artifact(str(path), artifact_path=folder)

@@ -7,13 +7,14 @@ import typer
 from stages.download import download
 from stages.embed import embed
 from stages.shard import shard
+from stages.train import train_base, train_sr
 
 app = typer.Typer(
     name="imager",
     help=(
         "Imager: text-to-image diffusion as a DVC pipeline.\n\n"
-        "Each command is one stage of dvc.yaml: download -> shard -> embed (training and "
-        "evaluation stages follow). Run them all with `dvc repro`; params live in params.yaml."
+        "Each command is one stage of dvc.yaml: download -> shard -> embed -> train-base, "
+        "train-sr (evaluation follows). Run them all with `dvc repro`; params live in params.yaml."
     ),
     no_args_is_help=True,
     rich_markup_mode="markdown",
@@ -23,6 +24,8 @@ app = typer.Typer(
 app.command()(download)
 app.command()(shard)
 app.command()(embed)
+app.command("train-base")(train_base)
+app.command("train-sr")(train_sr)
 
 
 def main() -> None:

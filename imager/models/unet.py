@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from imager.models.blocks import (
     CondSequential,
@@ -42,6 +43,7 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = cfg = config
+        self.gradient_checkpointing = False  # trade compute for memory in training (large models)
         emb, base, groups = cfg.emb_dim, cfg.base_channels, cfg.norm_groups
 
         self.time_mlp = mlp(base, emb)
@@ -185,12 +187,18 @@ class UNet(nn.Module):
         h = self.conv_in(h)
         skips = [h]
         for block in self.down:
-            h = block(h, emb, context, mask)
+            h = self._run(block, h, emb, context, mask)
             skips.append(h)
-        h = self.middle(h, emb, context, mask)
+        h = self._run(self.middle, h, emb, context, mask)
         for block in self.up:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, mask)
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context, mask)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _run(self, block: nn.Module, h: Tensor, emb: Tensor, context: Tensor, mask: Tensor) -> Tensor:
+        """One block; with ``gradient_checkpointing`` its activations are recomputed in backward."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, mask, use_reentrant=False)
+        return block(h, emb, context, mask)
 
     def _resize_lowres(self, lowres: Tensor, size: torch.Size) -> Tensor:
         """(B, C, h, w) -> (B, C, H, W), interpolated without antialiasing (upsampling)."""

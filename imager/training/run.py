@@ -1,0 +1,85 @@
+"""Train one model of the cascade end to end: what the train-base and train-sr stages call."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from imager.data.shard import shard_paths
+from imager.errors import DataError
+from imager.io import atomic_dir
+from imager.training.config import TrainBase, TrainSR
+from imager.training.distributed import Dist
+from imager.training.grid import first_samples, grid_image, sample_model
+from imager.training.loop import Trainer
+from imager.training.tasks import BaseTask, SRTask, downsample, to_unit
+
+log = logging.getLogger(__name__)
+
+
+def base_grid(trainer: Trainer) -> Image.Image:
+    cfg, cache = trainer.cfg, trainer.cache
+    g = cfg.grid
+    if not cache.prompts:
+        raise DataError("the embedding cache has no prompts; set embed.prompts and re-run `imager embed`")
+    k = len(cache.prompts)
+    cond = tuple(c.repeat_interleave(g.per_prompt, 0) for c in (cache.prompt_tokens, cache.prompt_mask, cache.prompt_pooled))
+    images = sample_model(
+        trainer.ema.model, trainer.schedule, cfg.loss.prediction, cond, resolution=cfg.resolution,
+        sampler=g.sampler, steps=g.steps, guidance=g.guidance, seed=g.seed, spacing=g.spacing,
+    )
+    rows = [list(images[i * g.per_prompt : (i + 1) * g.per_prompt]) for i in range(k)]
+    return grid_image(rows, cache.prompts)
+
+
+def sr_grid(trainer: Trainer, shards_dir: Path) -> Image.Image:
+    cfg, cache = trainer.cfg, trainer.cache
+    g = cfg.grid
+    split = "val" if shard_paths(shards_dir, "val") else "train"
+    keys, captions, images = first_samples([str(p) for p in shard_paths(shards_dir, split)], 4)
+    truth = downsample(to_unit(images), cfg.resolution)
+    aug = torch.full((len(keys),), cfg.sample_aug_level)
+    lowres = trainer.task.lowres(truth, aug, trainer.schedule, torch.Generator().manual_seed(g.seed))
+    cond = cache.lookup(keys)
+    sr = sample_model(
+        trainer.ema.model, trainer.schedule, cfg.loss.prediction, cond, resolution=cfg.resolution,
+        sampler=g.sampler, steps=g.steps, guidance=g.guidance, seed=g.seed, spacing=g.spacing,
+        lowres=lowres, aug_level=aug,
+    )
+    up = F.interpolate(F.avg_pool2d(truth, cfg.resolution // cfg.lowres), size=cfg.resolution, mode="nearest")
+    rows = [[up[i], sr[i], truth[i]] for i in range(len(keys))]
+    return grid_image(rows, [f"{c}  (lowres | SR | real)" for c in captions])
+
+
+def train_model(
+    cfg: TrainBase | TrainSR,
+    *,
+    shards_dir: Path,
+    cache_dir: Path,
+    out: Path,
+    ckpt_dir: Path,
+    seed: int,
+    dist: Dist,
+    log_metrics: Callable[[dict[str, float], int], None],
+    log_image: Callable[[Image.Image, str], None],
+) -> dict[str, Any]:
+    """Train (resuming from ``ckpt_dir`` when it matches), write ``out`` (EMA and raw weights, the
+    final grid) atomically on rank 0, and return the summary for the report."""
+    sr = isinstance(cfg, TrainSR)
+    task = SRTask(cfg) if sr else BaseTask(cfg)
+    trainer = Trainer(cfg, task, shards_dir=shards_dir, cache_dir=cache_dir, ckpt_dir=ckpt_dir, seed=seed, dist=dist)
+    make_grid = (lambda: sr_grid(trainer, shards_dir)) if sr else (lambda: base_grid(trainer))
+    summary = trainer.run(log_metrics, lambda step: log_image(make_grid(), f"grids/step-{step:07d}.png"))
+    if dist.is_main:
+        grid = make_grid()
+        with atomic_dir(Path(out)) as tmp:
+            trainer.save_final(tmp)
+            grid.save(tmp / "grid.png")
+        log_image(grid, "grids/final.png")
+    return {**summary, "parameters": float(sum(p.numel() for p in trainer.model.parameters()))}

@@ -1,0 +1,85 @@
+"""What differs between the base and the super-resolution model: how a batch of shard images
+becomes the model's target ``x0`` and its extra inputs, and how the sample grid is made.
+
+Images come from the loader as uint8 (B, 3, S, S) at the shard resolution S and become values in
+[-1, 1]. Downsampling is area averaging (exact box filter for integer factors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from imager.diffusion.schedule import NoiseSchedule
+from imager.errors import ConfigError
+from imager.training.config import TrainBase, TrainSR
+
+Tensor = torch.Tensor
+
+
+def to_unit(images: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return images.float() / 127.5 - 1
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """[-1, 1] -> uint8 [0, 255] (clamped)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def downsample(x: Tensor, size: int) -> Tensor:
+    return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="area")
+
+
+@dataclass(frozen=True)
+class BaseTask:
+    cfg: TrainBase
+    super_resolution: bool = False
+
+    def check(self, shard_resolution: int) -> None:
+        if self.cfg.resolution > shard_resolution:
+            raise ConfigError(
+                f"params.yaml: train_base.resolution: must be <= the shard resolution ({shard_resolution}), got {self.cfg.resolution}"
+            )
+
+    def inputs(self, images: Tensor, schedule: NoiseSchedule, gen: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
+        """(x0 (B, 3, R, R) in [-1, 1], extra model kwargs)."""
+        return downsample(to_unit(images), self.cfg.resolution), {}
+
+
+@dataclass(frozen=True)
+class SRTask:
+    cfg: TrainSR
+    super_resolution: bool = True
+
+    def check(self, shard_resolution: int) -> None:
+        if self.cfg.resolution > shard_resolution:
+            raise ConfigError(
+                f"params.yaml: train_sr.resolution: must be <= the shard resolution ({shard_resolution}), got {self.cfg.resolution}"
+            )
+
+    def lowres(self, x0: Tensor, aug_level: Tensor, schedule: NoiseSchedule, gen: torch.Generator) -> Tensor:
+        """The conditioning image: x0 area-downsampled by resolution/lowres, then noised to
+        ``aug_level`` with the forward process (Imagen's noise conditioning augmentation)."""
+        factor = self.cfg.resolution // self.cfg.lowres
+        low = F.avg_pool2d(x0, factor)  # (B, 3, h, w)
+        alpha, sigma = schedule.alpha_sigma_at(aug_level.double())
+        noise = torch.randn(low.shape, generator=gen)
+        a, s = alpha.float().view(-1, 1, 1, 1), sigma.float().view(-1, 1, 1, 1)
+        noisy = a * low + s * noise
+        return torch.where(aug_level.view(-1, 1, 1, 1) > 0, noisy, low)
+
+    def inputs(self, images: Tensor, schedule: NoiseSchedule, gen: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
+        """(x0 (B, 3, c, c) a random crop (or the whole image) at the output resolution, SR kwargs)."""
+        cfg = self.cfg
+        x0 = downsample(to_unit(images), cfg.resolution)
+        if cfg.crop is not None and cfg.crop < cfg.resolution:
+            factor = cfg.resolution // cfg.lowres
+            cells = (cfg.resolution - cfg.crop) // factor + 1  # offsets aligned to the lowres grid
+            offsets = torch.randint(0, cells, (x0.shape[0], 2), generator=gen) * factor
+            x0 = torch.stack([img[:, y : y + cfg.crop, x : x + cfg.crop] for img, (y, x) in zip(x0, offsets.tolist(), strict=True)])
+        aug = torch.rand(x0.shape[0], generator=gen) * cfg.max_aug_level
+        return x0, {"lowres": self.lowres(x0, aug, schedule, gen), "aug_level": aug}
