@@ -145,6 +145,7 @@ class ShardLoader:
         loader = torch.utils.data.DataLoader(
             stream, batch_size=1, collate_fn=_collate, num_workers=self.num_workers,
             persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
+            generator=torch.Generator().manual_seed(self.spec.seed),  # never draw from the global RNG
         )
         for batch in loader:
             self.batches += 1
