@@ -52,11 +52,12 @@ def load_params(path: Path) -> config.Params:
     return config.load(path)
 
 
-def finish(run: StageRun, report: dict[str, Any], report_path: Path, started: float) -> None:
-    """Write the report (DVC metrics: counts only, deterministic) and log it with the timing."""
+def finish(run: StageRun, report: dict[str, Any], report_path: Path, started: float, prefix: str = "") -> None:
+    """Write the report (DVC metrics) and log it with the timing. A training stage passes
+    ``prefix="summary."`` so that its totals do not join the per-step curves of the same names."""
     atomic_write_json(report_path, report)
     seconds = time.perf_counter() - started
-    run.log_metrics({**report, "seconds": seconds})
+    run.log_metrics({f"{prefix}{k}": v for k, v in {**report, "seconds": seconds}.items()})
     run.log_dict(report, "report.json")
     logging.getLogger("imager").info("report written to %s (%.1f s)", report_path, seconds)
 

@@ -39,7 +39,7 @@ def _train(section: str, shards: Path, embeddings: Path, out: Path, checkpoints:
                 log_metrics=lambda m, step: run.log_metrics(m, step=step), log_image=run.log_image,
             )
             if dist.is_main:
-                finish(run, summary, report, started)
+                finish(run, summary, report, started, prefix="summary.")
                 run.log_artifact(out / "model.safetensors", "model")
     finally:
         shutdown(dist)

@@ -103,6 +103,8 @@ class Trainer:
         self.fingerprint = fingerprint(cfg, seed, dist.world_size, shards_dir, cache_dir)
         self.step = 0
         self.resumed_from: int | None = None
+        self.last_loss = float("nan")  # the loss of the last logging window
+        self._scaler_state: dict[str, Any] | None = None
         self._resume()
         self.net = self.model
         if dist.enabled:
@@ -111,6 +113,8 @@ class Trainer:
         if cfg.compile:
             self.net = torch.compile(self.net)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
+        if self._scaler_state and self.scaler.is_enabled():  # fp16: the loss scale continues too
+            self.scaler.load_state_dict(self._scaler_state)
 
     # ------------------------------------------------------------------------------ checkpoints
 
@@ -127,23 +131,42 @@ class Trainer:
             barrier(self.dist)
             return
         meta, extra = load_training_state(path, model=self.model, ema_model=self.ema.model, optimizer=self.optimizer)
-        self.gen.set_state(extra[f"generator.{self.dist.rank}"])
+        rank = self.dist.rank
+        self.gen.set_state(extra[f"generator.{rank}"])
+        if f"torch_rng.{rank}" in extra:  # this rank's own global RNG (load_training_state set rank 0's)
+            torch.set_rng_state(extra[f"torch_rng.{rank}"])
+        if f"cuda_rng.{rank}" in extra and self.dist.device.type == "cuda":
+            torch.cuda.set_rng_state(extra[f"cuda_rng.{rank}"], self.dist.device)
         self.step = int(meta["step"])
         self.loader.load_state_dict(meta["loader"])
+        self._scaler_state = meta.get("grad_scaler")
+        self.last_loss = float(meta.get("last_loss", float("nan")))
         self.resumed_from = self.step
         log.info("resumed from %s (step %d)", path, self.step)
 
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        states = {"generator": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
+        if self.dist.device.type == "cuda":
+            states["cuda_rng"] = torch.cuda.get_rng_state(self.dist.device)
+        return states
+
     def save_checkpoint(self) -> None:
-        # Every rank's generator state goes into the checkpoint that rank 0 writes.
-        states = [self.gen.get_state()]
+        # Every rank's generator and global (dropout) RNG states go into the checkpoint that rank 0
+        # writes: rank 0's global state alone would give every rank the same dropout after a resume.
+        states = [self._rng_states()]
         if self.dist.enabled:
-            states = [torch.empty_like(states[0]) for _ in range(self.dist.world_size)]
-            torch.distributed.all_gather_object(states, self.gen.get_state())
+            states = [{} for _ in range(self.dist.world_size)]
+            torch.distributed.all_gather_object(states, self._rng_states())
         if self.dist.is_main:
             save_training_state(
                 self.ckpt_dir, self.step, model=self.model, ema_model=self.ema.model, optimizer=self.optimizer,
-                extra={"fingerprint": self.fingerprint, "loader": self.loader.state_dict()},
-                tensors={f"generator.{r}": s for r, s in enumerate(states)}, keep=self.cfg.keep_checkpoints,
+                extra={
+                    "fingerprint": self.fingerprint,
+                    "loader": self.loader.state_dict(),
+                    "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                    "last_loss": self.last_loss,
+                },
+                tensors={f"{name}.{r}": s for r, st in enumerate(states) for name, s in st.items()}, keep=self.cfg.keep_checkpoints,
             )
         barrier(self.dist)
 
@@ -203,7 +226,7 @@ class Trainer:
         per_step = cfg.batch_size * cfg.grad_accum * world
         batches = iter(self.loader)
         window, window_idx, started, window_start = [], [], time.perf_counter(), time.perf_counter()
-        first_step, last_loss = self.step, float("nan")
+        first_step = self.step
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.dist.is_main)
         while self.step < cfg.steps:
             loss, index = self.train_step(batches)
@@ -217,7 +240,7 @@ class Trainer:
                 stats = mean_across(self.dist, torch.stack(stats).double()).tolist()
                 now = time.perf_counter()
                 ips = len(window) * per_step / (now - window_start)
-                last_loss = stats[0]
+                self.last_loss = stats[0]
                 metrics = {"loss": stats[0], "lr": lr_at(self.step - 1, cfg), "images_per_second": ips}
                 metrics.update({f"loss_t{k}": stats[1 + k] for k in range(BUCKETS)})
                 if self.dist.is_main:
@@ -235,7 +258,7 @@ class Trainer:
         trained = self.step - first_step
         return {
             "steps": float(self.step),
-            "final_loss": last_loss,
+            "final_loss": self.last_loss,
             "images_per_second": trained * per_step / seconds if trained else 0.0,
             "wall_seconds": seconds,
             "resumed_from_step": float(self.resumed_from or 0),
