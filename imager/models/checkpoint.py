@@ -30,6 +30,7 @@ from imager.models.config import UNetConfig
 from imager.models.unet import UNet
 
 MODEL_KIND = "unet"
+METADATA_KEY = "imager"
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -51,7 +52,10 @@ def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None 
         extra_json = json.dumps(extra or {}, sort_keys=True)
     except TypeError as exc:
         raise ValueError(f"save_model: extra must be JSON-serialisable ({exc})") from None
-    metadata = {"imager_model": MODEL_KIND, "config": model.config.model_dump_json(), "extra": extra_json}
+    # One metadata entry: safetensors writes its metadata map in an arbitrary order, so several
+    # entries would make identical models give different bytes (and different DVC hashes).
+    header = {"imager_model": MODEL_KIND, "config": model.config.model_dump(mode="json"), "extra": json.loads(extra_json)}
+    metadata = {METADATA_KEY: json.dumps(header, sort_keys=True)}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
     path = Path(path)
@@ -119,21 +123,25 @@ def _open(path: Path, read_tensors: bool = False) -> tuple[dict[str, str] | None
     return metadata, tensors
 
 
-def _parse_metadata(path: Path, metadata: dict[str, str] | None) -> tuple[UNetConfig, dict[str, Any]]:
-    metadata = metadata or {}
+def _parse_metadata(path: Path, raw: dict[str, str] | None) -> tuple[UNetConfig, dict[str, Any]]:
+    try:
+        metadata = json.loads((raw or {}).get(METADATA_KEY, "{}"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid imager metadata ({exc.msg})") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: invalid imager metadata (not a JSON object)")
     kind = metadata.get("imager_model")
     if kind is None:
         raise CheckpointError(f"{path}: no imager metadata; not a checkpoint written by imager.models.save_model")
     if kind != MODEL_KIND:
         raise CheckpointError(f"{path}: holds an imager model of kind '{kind}', expected '{MODEL_KIND}'")
     try:
-        config = UNetConfig.model_validate_json(metadata.get("config", ""))
+        config = UNetConfig.model_validate(metadata.get("config"))
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in first["loc"])
         raise CheckpointError(f"{path}: invalid model config in metadata: {where + ': ' if where else ''}{first['msg']}") from None
-    try:
-        extra = json.loads(metadata.get("extra", "{}"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: invalid 'extra' metadata ({exc.msg})") from None
+    extra = metadata.get("extra", {})
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{path}: invalid 'extra' metadata (not a JSON object)")
     return config, extra

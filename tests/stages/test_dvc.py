@@ -25,8 +25,17 @@ def sh(cwd: Path, *cmd: str) -> str:
 
 
 def lock_hashes(project: Path) -> dict:
+    """md5 of every output in dvc.lock, except the training reports (they hold wall times)."""
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    return {name: [(o["path"], o["md5"]) for o in stage.get("outs", [])] for name, stage in lock["stages"].items()}
+    return {
+        name: [(o["path"], o["md5"]) for o in stage.get("outs", []) if not o["path"].startswith("reports/train_")]
+        for name, stage in lock["stages"].items()
+    }
+
+
+TINY_MODEL = {"base_channels": 8, "channel_mults": [1, 2], "attention_levels": [1], "head_dim": 8, "norm_groups": 4, "num_res_blocks": 1}
+TINY_TRAIN = {"steps": 3, "batch_size": 2, "log_every": 1, "checkpoint_every": 2, "model": TINY_MODEL, "grid": {"every": 0, "steps": 2, "per_prompt": 1}}
+STAGES = ["download", "shard", "embed", "train-base", "train-sr"]
 
 
 def pipeline_ids(experiment: str) -> list[tuple[str, str, str]]:
@@ -48,6 +57,9 @@ def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, mlflow_uri)
         tracking={"enabled": True, "experiment": "dvc-e2e"},
         download={"limit": 12, "resolution": 16},
         shard={"resolution": 16, "val_fraction": 0.25, "samples_per_shard": 4},
+        embed={"encoder": "minilm", "max_length": 8, "batch_size": 16, "prompts": ["red heart"]},
+        train_base={**TINY_TRAIN, "resolution": 8},
+        train_sr={**TINY_TRAIN, "lowres": 8, "resolution": 16, "crop": None},
     )
     (project / "params.yaml").write_text(yaml.safe_dump({"seed": 0, "sampler": "dpmpp_2m", **params}))
     sh(project, "git", "init", "-q")
@@ -56,14 +68,15 @@ def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, mlflow_uri)
     sh(project, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny")
 
     first = sh(project, "dvc", "repro")
-    for stage in ("download", "shard", "embed"):
+    for stage in ("download", "shard", "embed", "train_base", "train_sr"):
         assert f"Running stage '{stage}'" in first
-    for out in ("data/raw/manifest.jsonl", "data/shards/index.json", "data/embeddings/embeddings.safetensors"):
+    for out in ("data/raw/manifest.jsonl", "data/shards/index.json", "data/embeddings/embeddings.safetensors",
+                "data/models/base/model.safetensors", "data/models/sr/model.safetensors"):
         assert (project / out).is_file()
-    for report in ("download", "shard", "embed"):
+    for report in ("download", "shard", "embed", "train_base", "train_sr"):
         assert (project / "reports" / f"{report}.json").is_file()
     hashes = lock_hashes(project)
-    assert set(hashes) == {"download", "shard", "embed"}
+    assert set(hashes) == {"download", "shard", "embed", "train_base", "train_sr"}
 
     again = sh(project, "dvc", "repro")
     assert "Running stage" not in again
@@ -78,6 +91,7 @@ def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, mlflow_uri)
     changed = sh(project, "dvc", "repro")
     assert "Running stage 'embed'" in changed and "Running stage 'shard'" not in changed
     assert "Running stage 'download'" not in changed
+    assert "Running stage 'train_base'" in changed  # new embeddings: the models are trained afresh
 
     # `dvc exp run -S sampler=...` sets the top-level key; no data stage depends on it, so none runs.
     exp = sh(project, "dvc", "exp", "run", "-S", "sampler=ddim", "-n", "try-ddim")
@@ -90,8 +104,8 @@ def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, mlflow_uri)
     # MLflow: one pipeline id per dvc invocation, shared by the stages it ran; exp runs are tagged.
     mlflow.set_tracking_uri(mlflow_uri)
     runs = pipeline_ids("dvc-e2e")
-    stages = ["download", "shard", "embed"]
-    assert [stage for _, stage, _ in runs] == stages + stages + ["embed", "embed"]
+    rerun = ["embed", "train-base", "train-sr"]
+    assert [stage for _, stage, _ in runs] == STAGES + STAGES + rerun + rerun
     ids = [pid for pid, _, _ in runs]
-    assert len(set(ids[:3])) == 1 and len(set(ids[3:6])) == 1 and len(set(ids)) == 4
-    assert [exp for _, _, exp in runs] == [""] * 7 + ["short-captions"]
+    assert len(set(ids[:5])) == 1 and len(set(ids[5:10])) == 1 and len(set(ids[10:13])) == 1 and len(set(ids)) == 4
+    assert [exp for _, _, exp in runs] == [""] * 13 + ["short-captions"] * 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -307,11 +308,11 @@ def test_load_errors_name_the_file(tmp_path):
     save_file({"w": torch.zeros(2)}, str(bare))
     assert "no imager metadata" in error_of(bare)
     wrong = tmp_path / "wrong.safetensors"
-    save_file({"w": torch.zeros(2)}, str(wrong), metadata={"imager_model": "unet", "config": '{"head_dim": 0}'})
+    save_file({"w": torch.zeros(2)}, str(wrong), metadata={"imager": json.dumps({"imager_model": "unet", "config": {"head_dim": 0}})})
     assert "invalid model config in metadata: head_dim" in error_of(wrong)
     small = tmp_path / "small.safetensors"
     state = UNet(tiny()).state_dict()
-    save_file(dict(state), str(small), metadata={"imager_model": "unet", "config": tiny(base_channels=32).model_dump_json()})
+    save_file(dict(state), str(small), metadata={"imager": json.dumps({"imager_model": "unet", "config": tiny(base_channels=32).model_dump(mode="json")})})
     assert "weights do not match the stored config" in error_of(small)
 
 
