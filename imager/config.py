@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from imager.errors import ConfigError
+from imager.evaluation.config import Evaluate, Evaluator
 from imager.schema import Section
 from imager.training.config import TrainBase, TrainSR
 
@@ -172,6 +173,8 @@ class Params(Section):
     embed: Embed = Embed()
     train_base: TrainBase = TrainBase()
     train_sr: TrainSR = TrainSR()
+    evaluator: Evaluator = Evaluator()
+    evaluate: Evaluate = Evaluate()
 
 
 # ------------------------------------------------------------------------------------- messages

@@ -1,4 +1,5 @@
-"""MLflow tracking: the only module of the library that imports mlflow.
+"""MLflow tracking: with imager.serving (the cascade as an MLflow model), the only module of the
+library that imports mlflow.
 
 Each stage run is one MLflow run named after the stage, holding its params section (flattened),
 its counts and timings as metrics and its report as an artifact, with these tags:
@@ -120,6 +121,19 @@ class StageRun:
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if self.active:
             self._mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def log_cascade(self, base: Path, sr: Path, *, embed: Mapping[str, Any], sampling: Mapping[str, Any]) -> str | None:
+        """The cascade as a pyfunc model named ``cascade`` in this run; returns its model URI."""
+        if not self.active:
+            return None
+        import tempfile
+
+        from imager.serving import log_cascade
+
+        with tempfile.TemporaryDirectory(prefix="imager-cascade-") as tmp:
+            info = log_cascade(Path(base), Path(sr), embed=dict(embed), sampling=dict(sampling), workdir=Path(tmp))
+        log.info("cascade logged as MLflow model %s", info.model_uri)
+        return info.model_uri
 
 
 def _is_number(text: str) -> bool:

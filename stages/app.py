@@ -6,6 +6,8 @@ import typer
 
 from stages.download import download
 from stages.embed import embed
+from stages.evaluate import evaluate, train_evaluator
+from stages.generate import generate
 from stages.shard import shard
 from stages.train import train_base, train_sr
 
@@ -13,8 +15,9 @@ app = typer.Typer(
     name="imager",
     help=(
         "Imager: text-to-image diffusion as a DVC pipeline.\n\n"
-        "Each command is one stage of dvc.yaml: download -> shard -> embed -> train-base, "
-        "train-sr (evaluation follows). Run them all with `dvc repro`; params live in params.yaml."
+        "Each command but `generate` is one stage of dvc.yaml: download -> shard -> embed -> "
+        "train-base, train-sr, train-evaluator -> evaluate. Run them all with `dvc repro`; params "
+        "live in params.yaml. `imager generate \"red apple\" --out apple.png` draws with the result."
     ),
     no_args_is_help=True,
     rich_markup_mode="markdown",
@@ -26,6 +29,9 @@ app.command()(shard)
 app.command()(embed)
 app.command("train-base")(train_base)
 app.command("train-sr")(train_sr)
+app.command("train-evaluator")(train_evaluator)
+app.command()(evaluate)
+app.command()(generate)
 
 
 def main() -> None:

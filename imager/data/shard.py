@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +121,27 @@ def read_index(shards_dir: Path) -> dict[str, Any]:
 
 def shard_paths(shards_dir: Path, split: str) -> list[Path]:
     return [Path(shards_dir) / name for name in read_index(shards_dir)["splits"][split]["shards"]]
+
+
+def read_samples(shards: Sequence[Path | str], limit: int | None = None) -> tuple[list[str], list[str], Any]:
+    """(keys, captions, uint8 images (N, 3, S, S)) of the first ``limit`` samples (all when None)
+    of the given shards, in shard order."""
+    import io
+
+    import numpy as np
+    import torch
+    import webdataset as wds
+    from PIL import Image
+
+    keys, captions, images = [], [], []
+    if shards and limit != 0:
+        for s in wds.WebDataset([str(p) for p in shards], shardshuffle=False, empty_check=False):
+            with Image.open(io.BytesIO(s["png"])) as im:
+                images.append(torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1))
+            keys.append(s["__key__"])
+            captions.append(s["txt"].decode("utf-8"))
+            if len(keys) == limit:
+                break
+    if not images:
+        raise DataError(f"no samples in {len(shards)} shard(s); re-run `imager shard`")
+    return keys, captions, torch.stack(images)

@@ -64,21 +64,3 @@ def grid_image(rows: Sequence[Sequence[Tensor]], labels: Sequence[str], cell: in
             tile = Image.fromarray(arr).resize((cell, cell), Image.Resampling.NEAREST)
             canvas.paste(tile, (4 + c * (cell + 4), y + label_h))
     return canvas
-
-
-def first_samples(shards: Sequence[str], n: int) -> tuple[list[str], list[str], Tensor]:
-    """The first ``n`` samples of the given shards in order: keys, captions, uint8 (n, 3, S, S)."""
-    import io
-
-    import numpy as np
-    import webdataset as wds
-
-    keys, captions, images = [], [], []
-    for s in wds.WebDataset(list(shards), shardshuffle=False, empty_check=False):
-        with Image.open(io.BytesIO(s["png"])) as im:
-            images.append(torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1))
-        keys.append(s["__key__"])
-        captions.append(s["txt"].decode("utf-8"))
-        if len(keys) == n:
-            break
-    return keys, captions, torch.stack(images)

@@ -272,5 +272,10 @@ class Trainer:
             save_model(self.model, out_dir / "model_raw.safetensors", extra={"step": self.step, **self.sampling_meta()})
 
     def sampling_meta(self) -> dict[str, Any]:
-        """What a sampler needs besides the weights: the schedule and the prediction target."""
-        return {"schedule": self.cfg.schedule.model_dump(), "prediction": self.cfg.loss.prediction}
+        """What a sampler needs besides the weights: the schedule, the prediction target and the
+        output resolution (an SR model adds its input resolution and sampling noise-aug level)."""
+        cfg = self.cfg
+        meta = {"schedule": cfg.schedule.model_dump(), "prediction": cfg.loss.prediction, "resolution": cfg.resolution}
+        if self.task.super_resolution:
+            meta |= {"lowres": cfg.lowres, "aug_level": cfg.sample_aug_level}
+        return meta

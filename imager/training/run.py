@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from imager.data.shard import shard_paths
+from imager.data.shard import read_samples, shard_paths
 from imager.errors import DataError
 from imager.io import atomic_dir
 from imager.training.config import TrainBase, TrainSR
 from imager.training.distributed import Dist
-from imager.training.grid import first_samples, grid_image, sample_model
+from imager.training.grid import grid_image, sample_model
 from imager.training.loop import Trainer
 from imager.training.tasks import BaseTask, SRTask, downsample, to_unit
 
@@ -42,7 +42,7 @@ def sr_grid(trainer: Trainer, shards_dir: Path) -> Image.Image:
     cfg, cache = trainer.cfg, trainer.cache
     g = cfg.grid
     split = "val" if shard_paths(shards_dir, "val") else "train"
-    keys, captions, images = first_samples([str(p) for p in shard_paths(shards_dir, split)], 4)
+    keys, captions, images = read_samples(shard_paths(shards_dir, split), 4)
     truth = downsample(to_unit(images), cfg.resolution)
     aug = torch.full((len(keys),), cfg.sample_aug_level)
     lowres = trainer.task.lowres(truth, aug, trainer.schedule, torch.Generator().manual_seed(g.seed))

@@ -6,8 +6,8 @@ A checkpoint is a directory ``step-00001234/`` holding
     ema.safetensors         EMA weights in the same format: a standalone model for sampling
     optimizer.safetensors   every tensor of the optimizer state; its other values are in state.json
     rng.safetensors         torch CPU (and CUDA) generator states
-    state.json              step, optimizer param groups, LR scheduler, loader position, Python and
-                            NumPy RNG states, anything else the loop adds
+    state.json              step, optimizer param groups, loader position, Python and NumPy RNG
+                            states, anything else the loop adds (the LR is a function of the step)
 
 It is written as ``.step-00001234.tmp`` and renamed when complete, then the ``latest`` file is
 replaced atomically: a write killed at any point leaves ``latest`` naming a complete checkpoint.

@@ -34,6 +34,16 @@ def downsample(x: Tensor, size: int) -> Tensor:
     return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="area")
 
 
+def noise_augment(low: Tensor, aug_level: Tensor, schedule: NoiseSchedule, gen: torch.Generator | None) -> Tensor:
+    """``low`` (B, C, h, w) noised to ``aug_level`` (B,) in [0, 1] with the forward process of
+    ``schedule``; level 0 leaves an image untouched. The SR model is told the level."""
+    alpha, sigma = schedule.alpha_sigma_at(aug_level.double())
+    noise = torch.randn(low.shape, generator=gen, device=low.device, dtype=low.dtype)
+    a, s = alpha.to(low).view(-1, 1, 1, 1), sigma.to(low).view(-1, 1, 1, 1)
+    noisy = a * low + s * noise
+    return torch.where(aug_level.to(low.device).view(-1, 1, 1, 1) > 0, noisy, low)
+
+
 @dataclass(frozen=True)
 class BaseTask:
     cfg: TrainBase
@@ -65,12 +75,7 @@ class SRTask:
         """The conditioning image: x0 area-downsampled by resolution/lowres, then noised to
         ``aug_level`` with the forward process (Imagen's noise conditioning augmentation)."""
         factor = self.cfg.resolution // self.cfg.lowres
-        low = F.avg_pool2d(x0, factor)  # (B, 3, h, w)
-        alpha, sigma = schedule.alpha_sigma_at(aug_level.double())
-        noise = torch.randn(low.shape, generator=gen)
-        a, s = alpha.float().view(-1, 1, 1, 1), sigma.float().view(-1, 1, 1, 1)
-        noisy = a * low + s * noise
-        return torch.where(aug_level.view(-1, 1, 1, 1) > 0, noisy, low)
+        return noise_augment(F.avg_pool2d(x0, factor), aug_level, schedule, gen)
 
     def inputs(self, images: Tensor, schedule: NoiseSchedule, gen: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
         """(x0 (B, 3, c, c) a random crop (or the whole image) at the output resolution, SR kwargs)."""

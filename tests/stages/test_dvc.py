@@ -24,18 +24,27 @@ def sh(cwd: Path, *cmd: str) -> str:
     return out.stdout + out.stderr
 
 
+TIMED = ("reports/train_base.json", "reports/train_sr.json", "reports/evaluator.json", "reports/evaluate.json", "reports/sweep.json")
+
+
 def lock_hashes(project: Path) -> dict:
-    """md5 of every output in dvc.lock, except the training reports (they hold wall times)."""
+    """md5 of every output in dvc.lock, except the reports that hold wall times."""
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     return {
-        name: [(o["path"], o["md5"]) for o in stage.get("outs", []) if not o["path"].startswith("reports/train_")]
+        name: [(o["path"], o["md5"]) for o in stage.get("outs", []) if o["path"] not in TIMED]
         for name, stage in lock["stages"].items()
     }
 
 
 TINY_MODEL = {"base_channels": 8, "channel_mults": [1, 2], "attention_levels": [1], "head_dim": 8, "norm_groups": 4, "num_res_blocks": 1}
 TINY_TRAIN = {"steps": 3, "batch_size": 2, "log_every": 1, "checkpoint_every": 2, "model": TINY_MODEL, "grid": {"every": 0, "steps": 2, "per_prompt": 1}}
-STAGES = ["download", "shard", "embed", "train-base", "train-sr"]
+TINY_EVALUATOR = {"resolution": 16, "channels": [8, 16], "feature_dim": 8, "epochs": 1, "batch_size": 4}
+TINY_EVALUATE = {
+    "prompts": 3, "batch_size": 4, "base": {"steps": 2}, "sr": {"steps": 2}, "r_precision_k": 2, "grid_rows": 2,
+    "sweep": {"samplers": ["ddim"], "steps": [2], "reference_steps": 3, "prompts": 2},
+}  # fmt: skip
+STAGES = ["download", "shard", "embed", "train-base", "train-sr", "train-evaluator", "evaluate"]
+DVC_STAGES = [s.replace("-", "_") for s in STAGES]
 
 
 def pipeline_ids(experiment: str) -> list[tuple[str, str, str]]:
@@ -55,28 +64,35 @@ def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, mlflow_uri)
             shutil.copy(src, project / item)
     params = tiny_params(
         tracking={"enabled": True, "experiment": "dvc-e2e"},
-        download={"limit": 12, "resolution": 16},
-        shard={"resolution": 16, "val_fraction": 0.25, "samples_per_shard": 4},
+        download={"limit": 20, "resolution": 16},
+        shard={"resolution": 16, "val_fraction": 0.3, "samples_per_shard": 4},
         embed={"encoder": "minilm", "max_length": 8, "batch_size": 16, "prompts": ["red heart"]},
         train_base={**TINY_TRAIN, "resolution": 8},
         train_sr={**TINY_TRAIN, "lowres": 8, "resolution": 16, "crop": None},
+        evaluator=TINY_EVALUATOR,
+        evaluate=TINY_EVALUATE,
     )
     (project / "params.yaml").write_text(yaml.safe_dump({"seed": 0, "sampler": "dpmpp_2m", **params}))
     sh(project, "git", "init", "-q")
     sh(project, "dvc", "init", "-q")
+    shutil.copytree(REPO / ".dvc" / "plots", project / ".dvc" / "plots", dirs_exist_ok=True)  # the sweep template
     sh(project, "git", "add", "-A")
     sh(project, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny")
 
     first = sh(project, "dvc", "repro")
-    for stage in ("download", "shard", "embed", "train_base", "train_sr"):
+    for stage in DVC_STAGES:
         assert f"Running stage '{stage}'" in first
     for out in ("data/raw/manifest.jsonl", "data/shards/index.json", "data/embeddings/embeddings.safetensors",
                 "data/models/base/model.safetensors", "data/models/sr/model.safetensors"):
         assert (project / out).is_file()
-    for report in ("download", "shard", "embed", "train_base", "train_sr"):
+    for report in ("download", "shard", "embed", "train_base", "train_sr", "evaluator", "evaluate", "sweep", "sweep_curve"):
         assert (project / "reports" / f"{report}.json").is_file()
     hashes = lock_hashes(project)
-    assert set(hashes) == {"download", "shard", "embed", "train_base", "train_sr"}
+    assert set(hashes) == set(DVC_STAGES)
+    shown = sh(project, "dvc", "metrics", "show", "--md")
+    assert "fid_evaluator" in shown and "fid_evaluator_ceiling" in shown
+    sh(project, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))  # the custom sweep template renders
+    assert (tmp_path / "plots" / "index.html").is_file()
 
     again = sh(project, "dvc", "repro")
     assert "Running stage" not in again
@@ -93,19 +109,21 @@ def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, mlflow_uri)
     assert "Running stage 'download'" not in changed
     assert "Running stage 'train_base'" in changed  # new embeddings: the models are trained afresh
 
-    # `dvc exp run -S sampler=...` sets the top-level key; no data stage depends on it, so none runs.
+    # `dvc exp run -S sampler=...` sets the top-level key, which only the evaluate stage reads.
     exp = sh(project, "dvc", "exp", "run", "-S", "sampler=ddim", "-n", "try-ddim")
-    assert "Running stage" not in exp
+    assert [line for line in exp.splitlines() if "Running stage" in line] == ["Running stage 'evaluate':"]
     shown = sh(project, "dvc", "exp", "show", "--md", "--no-pager")
-    assert "try-ddim" in shown and "ddim" in shown
+    assert "try-ddim" in shown and "ddim" in shown and "fid_evaluator" in shown
     assert yaml.safe_load((project / "params.yaml").read_text())["sampler"] == "ddim"
     sh(project, "dvc", "exp", "run", "-S", "embed.max_length=7", "-n", "short-captions")
 
     # MLflow: one pipeline id per dvc invocation, shared by the stages it ran; exp runs are tagged.
     mlflow.set_tracking_uri(mlflow_uri)
     runs = pipeline_ids("dvc-e2e")
-    rerun = ["embed", "train-base", "train-sr"]
-    assert [stage for _, stage, _ in runs] == STAGES + STAGES + rerun + rerun
+    rerun = ["embed", "train-base", "train-sr", "train-evaluator", "evaluate"]
+    assert [stage for _, stage, _ in runs] == STAGES + STAGES + rerun + ["evaluate"] + rerun
     ids = [pid for pid, _, _ in runs]
-    assert len(set(ids[:5])) == 1 and len(set(ids[5:10])) == 1 and len(set(ids[10:13])) == 1 and len(set(ids)) == 4
-    assert [exp for _, _, exp in runs] == [""] * 13 + ["short-captions"] * 3
+    n, r = len(STAGES), len(rerun)
+    groups = [ids[:n], ids[n : 2 * n], ids[2 * n : 2 * n + r], ids[2 * n + r : 2 * n + r + 1], ids[2 * n + r + 1 :]]
+    assert all(len(set(g)) == 1 for g in groups) and len(set(ids)) == 5
+    assert [exp for _, _, exp in runs] == [""] * (2 * n + r) + ["try-ddim"] + ["short-captions"] * r

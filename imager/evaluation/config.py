@@ -1,0 +1,92 @@
+"""Typed settings of the evaluation half of the pipeline (params.yaml sections ``evaluator`` and
+``evaluate``). No torch here: imager.config embeds these models."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from imager.schema import Section
+
+SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "euler", "euler_ancestral", "heun"]
+
+
+class Evaluator(Section):
+    """The in-domain evaluator: a small CNN image encoder trained contrastively against the frozen
+    text encoder's pooled caption embeddings (locked-text tuning) on the training images. Its
+    penultimate features give FID; image-text cosine gives CLIP score and R-precision."""
+
+    resolution: int = Field(64, ge=8)  # every input is resized (area or bilinear) to this side
+    channels: tuple[int, ...] = (32, 64, 128)  # one stride-2 stage per entry
+    feature_dim: int = Field(128, gt=0)  # the FID features (before the projection to text space)
+    epochs: int = Field(12, gt=0)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(2e-3, gt=0, le=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    temperature: float = Field(0.07, gt=0, le=1)  # initial InfoNCE temperature (learned)
+    lowres_augment: float = Field(0.5, ge=0, le=1)  # share of batches seen down-up sampled 2x
+    seed: int = Field(0, ge=0)
+    threads: int | None = Field(None, gt=0)
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(c <= 0 for c in v):
+            raise ValueError("must be a non-empty list of positive channel counts")
+        return v
+
+
+class StageSampling(Section):
+    """How one model of the cascade is sampled in evaluation (the sampler is the top-level one)."""
+
+    steps: int = Field(20, ge=1, le=1000)
+    guidance: float = Field(3.0, ge=0)  # classifier-free guidance scale; 1: none
+
+
+class SRSampling(StageSampling):
+    aug_level: float = Field(0.1, ge=0, le=1)  # noise level of the lowres input (as in training)
+
+
+class Sweep(Section):
+    """The sampler-vs-steps curve: FID and R-precision of each sampler at each step count, plus a
+    many-step reference, on ``prompts`` held-out prompts (fewer than the main evaluation)."""
+
+    samplers: tuple[SamplerName, ...] = ("ddim", "dpmpp_2m", "heun")
+    steps: tuple[int, ...] = (5, 10, 20)
+    reference_sampler: SamplerName = "ddpm"
+    reference_steps: int = Field(200, ge=1, le=1000)
+    prompts: int = Field(64, ge=0)  # 0: no sweep
+    stage: Literal["base", "cascade"] = "base"  # base: the base model alone (the SR stage fixed)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(s < 1 or s > 1000 for s in v):
+            raise ValueError(f"each step count must be in 1..1000, got {list(v)}")
+        return v
+
+
+class Backbones(Section):
+    """Standard metric backbones, used only when their weights are on disk (never downloaded)."""
+
+    inception: str | None = None  # torch-fidelity's Inception weights file (pt_inception-2015-12-05-*.pth)
+    clip: str | None = None  # a local Hugging Face CLIP model folder (CLIPModel + CLIPProcessor)
+
+
+class Evaluate(Section):
+    prompts: int = Field(128, gt=0)  # held-out (val) captions, one image each; capped at the val size
+    seed: int = Field(0, ge=0)
+    batch_size: int = Field(64, gt=0)
+    base: StageSampling = StageSampling()
+    sr: SRSampling = SRSampling(steps=10, guidance=1.0)
+    r_precision_k: int = Field(32, ge=2)  # candidates per image: its caption + k-1 random others
+    grid_rows: int = Field(8, ge=1, le=64)  # prompts in the grid: base sample | SR sample | real image
+    sweep: Sweep = Sweep()
+    backbones: Backbones = Backbones()
+
+    @model_validator(mode="after")
+    def _grid(self) -> Evaluate:
+        if self.grid_rows > self.prompts:
+            raise ValueError(f"grid_rows: must not exceed prompts ({self.prompts}), got {self.grid_rows}")
+        return self

@@ -1,0 +1,91 @@
+"""`imager train-evaluator` and `imager evaluate`: the in-domain evaluator, then the cascade's
+samples and metrics (FID, CLIP score, R-precision beside their real-image ceilings), the
+sampler-vs-steps sweep, and the cascade as one MLflow model."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stages._common import ParamsOption, finish, load_params, tracked, user_errors
+
+ShardsOpt = Annotated[Path, typer.Option(help="Shard directory (with index.json).")]
+EmbOpt = Annotated[Path, typer.Option(help="Embedding cache directory (from `imager embed`).")]
+EVALUATOR_FILE = "evaluator.safetensors"
+MODEL_FILE = "model.safetensors"
+
+
+@user_errors
+def train_evaluator(
+    shards: ShardsOpt,
+    embeddings: EmbOpt,
+    out: Annotated[Path, typer.Option(help=f"Output directory: {EVALUATOR_FILE}.")],
+    report: Annotated[Path, typer.Option(help="Report JSON: training summary and held-out retrieval accuracy.")],
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Train the in-domain evaluator (params `evaluator`): a small image encoder tuned
+    contrastively against the frozen caption embeddings of the training images."""
+    from imager.evaluation.train import train_and_check
+
+    p = load_params(params)
+    with tracked("train-evaluator", p, {"evaluator": p.evaluator.model_dump()}) as run:
+        started = time.perf_counter()
+        summary = train_and_check(p.evaluator, shards_dir=shards, cache_dir=embeddings, out=out / EVALUATOR_FILE, log=run.log_metrics)
+        finish(run, summary, report, started, prefix="summary.")
+
+
+@user_errors
+def evaluate(
+    shards: ShardsOpt,
+    embeddings: EmbOpt,
+    base: Annotated[Path, typer.Option(help="Base model directory (from `imager train-base`).")],
+    sr: Annotated[Path, typer.Option(help="Super-resolution model directory (from `imager train-sr`).")],
+    evaluator: Annotated[Path, typer.Option(help="Evaluator directory (from `imager train-evaluator`).")],
+    metrics: Annotated[Path, typer.Option(help="Metrics JSON (DVC metrics): scores beside their ceilings.")],
+    sweep: Annotated[Path, typer.Option(help="Sampler-vs-steps table JSON (DVC metrics).")],
+    curve: Annotated[Path, typer.Option(help="Sampler-vs-steps rows JSON (DVC plot).")],
+    plot: Annotated[Path, typer.Option(help="Sampler-vs-steps PNG.")],
+    grid: Annotated[Path, typer.Option(help="Sample grid PNG: base | SR | real per held-out prompt.")],
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Sample the cascade for held-out prompts with the top-level `sampler` and score it (params
+    `evaluate`); sweep samplers and step counts; log the cascade as an MLflow pyfunc model."""
+    from imager.cascade import Cascade
+    from imager.evaluation.evaluator import load_evaluator
+    from imager.evaluation.run import evaluate as run_evaluation
+    from imager.io import atomic_write_json
+    from imager.serving import sampling_defaults
+    from imager.text.cache import EmbeddingCache
+
+    p = load_params(params)
+    cfg = p.evaluate
+    sections = {"sampler": p.sampler, "seed": p.seed, "evaluate": cfg.model_dump()}
+    with tracked("evaluate", p, sections) as run:
+        started = time.perf_counter()
+        cascade = Cascade.load(base / MODEL_FILE, sr / MODEL_FILE)
+        scorer = load_evaluator(evaluator / EVALUATOR_FILE)
+        cache = EmbeddingCache(embeddings)
+        result = run_evaluation(cascade, scorer, shards_dir=shards, cache=cache, cfg=cfg, sampler=p.sampler)
+        for path in (sweep, curve, plot, grid):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(sweep, result["sweep"])
+        atomic_write_json(curve, result["curve"])
+        _save_png(result["grid"], grid)
+        if result["sweep_plot"] is not None:
+            _save_png(result["sweep_plot"], plot)
+        run.log_dict(result["sweep"], "sweep.json")
+        run.log_image(result["grid"], "evaluate_grid.png")
+        if result["sweep_plot"] is not None:
+            run.log_image(result["sweep_plot"], "sampler_sweep.png")
+        run.log_cascade(base / MODEL_FILE, sr / MODEL_FILE, embed=p.embed.model_dump(mode="json"), sampling=sampling_defaults(p))
+        finish(run, {"sampler": p.sampler, **result["metrics"]}, metrics, started)
+
+
+def _save_png(image, path: Path) -> None:
+    """Write a PNG through a temporary file, so a killed run never leaves half an image."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)

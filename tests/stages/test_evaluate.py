@@ -1,0 +1,224 @@
+"""The evaluation half through the `imager` CLI on a tiny cascade: train-evaluator, evaluate (metrics
+beside their ceilings, the sampler sweep, the grid, the MLflow pyfunc model and its round trip), and
+`imager generate` (same seed, same image; clear errors)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from imager import config
+from imager.cascade import Cascade, encode_prompts
+from imager.text.base import load_text_encoder
+from imager.training.tasks import to_uint8
+from stages.app import app
+from tests.stages.conftest import DATA_PARAMS
+
+runner = CliRunner()
+
+MODEL = {"base_channels": 8, "channel_mults": [1, 2], "attention_levels": [1], "head_dim": 8, "norm_groups": 4}
+TRAIN = {"steps": 4, "batch_size": 4, "log_every": 2, "checkpoint_every": 4, "model": MODEL, "grid": {"every": 0, "steps": 2, "per_prompt": 1}}
+EVALUATE = {
+    "prompts": 6, "batch_size": 4, "base": {"steps": 3, "guidance": 2.0}, "sr": {"steps": 2, "guidance": 1.0},
+    "r_precision_k": 4, "grid_rows": 3,
+    "sweep": {"samplers": ["ddim", "dpmpp_2m"], "steps": [2, 3], "reference_steps": 5, "prompts": 4},
+}  # fmt: skip
+PARAMS = {
+    **DATA_PARAMS,
+    "sampler": "dpmpp_2m",
+    "train_base": {**TRAIN, "resolution": 8},
+    "train_sr": {**TRAIN, "lowres": 8, "resolution": 16, "crop": 8},
+    "evaluator": {"resolution": 16, "channels": [8, 16], "feature_dim": 8, "epochs": 2, "batch_size": 8},
+    "evaluate": EVALUATE,
+}
+
+
+def write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def invoke(*args: str) -> str:
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def error_line(*args: str) -> str:
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def cascade(data, tmp_path_factory) -> dict:
+    """A trained tiny base (8 px), SR (8 -> 16 px) and evaluator on the package's data set."""
+    root = tmp_path_factory.mktemp("cascade")
+    params = write(root / "params.yaml", PARAMS)
+    common = ["--params", params, "--shards", data["shards"], "--embeddings", data["emb"]]
+    for command, name in (("train-base", "base"), ("train-sr", "sr")):
+        invoke(command, *common, "--out", root / name, "--checkpoints", root / f"{name}_ckpt", "--report", root / f"{name}.json")
+    invoke("train-evaluator", *common, "--out", root / "evaluator", "--report", root / "evaluator.json")
+    return {"root": root, "params": params, **{k: root / k for k in ("base", "sr", "evaluator")}}
+
+
+def evaluate_args(data: dict, c: dict, params: Path, out: Path) -> list:
+    return [
+        "evaluate", "--params", params, "--shards", data["shards"], "--embeddings", data["emb"],
+        "--base", c["base"], "--sr", c["sr"], "--evaluator", c["evaluator"],
+        "--metrics", out / "evaluate.json", "--sweep", out / "sweep.json", "--curve", out / "curve.json",
+        "--plot", out / "sweep.png", "--grid", out / "grid.png",
+    ]  # fmt: skip
+
+
+def test_evaluator_report_has_held_out_retrieval(cascade):
+    report = json.loads((cascade["root"] / "evaluator.json").read_text())
+    assert report["val_images"] > 0 and 0 <= report["val_top1_all"] <= 1
+    assert report["val_top1_all_chance"] == pytest.approx(1 / report["val_images"], rel=0.5)
+    assert (cascade["evaluator"] / "evaluator.safetensors").is_file()
+
+
+def test_evaluate_end_to_end_with_pyfunc_round_trip(data, cascade, tmp_path, monkeypatch, mlflow_uri):
+    monkeypatch.chdir(tmp_path)
+    params = write(tmp_path / "params.yaml", {**PARAMS, "tracking": {"enabled": True, "experiment": "evaluate-e2e"}})
+    invoke(*evaluate_args(data, cascade, params, tmp_path))
+
+    m = json.loads((tmp_path / "evaluate.json").read_text())
+    val = json.loads((data["root"] / "shard.json").read_text())["val"]
+    assert m["samples"] == min(EVALUATE["prompts"], val) and m["sampler"] == "dpmpp_2m"
+    assert m["r_precision_chance"] == pytest.approx(1 / m["r_precision_k"])
+    for name in ("fid_evaluator", "r_precision_evaluator", "clip_score_evaluator", "fid_evaluator_base", "r_precision_evaluator_base"):
+        for key in (name, f"{name}_ceiling"):
+            assert math.isfinite(m[key]), key
+    assert 0 <= m["r_precision_evaluator"] <= 1 and 0 <= m["clip_score_evaluator"] <= 100
+    assert m["fid_evaluator"] >= 0 and m["fid_evaluator_ceiling"] >= 0
+    assert not any(k.endswith(("_inception", "_clip")) for k in m)  # no standard backbone configured
+
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert sweep["samples"] == EVALUATE["sweep"]["prompts"] and sweep["stage"] == "base"
+    assert set(sweep["ddim"]) == set(sweep["dpmpp_2m"]) == {"2", "3"}
+    assert set(sweep["ddpm (reference)"]) == {"5"} and "fid_evaluator" in sweep["ceiling"]
+    curve = json.loads((tmp_path / "curve.json").read_text())
+    assert [(r["sampler"], r["steps"]) for r in curve] == [("ddim", 2), ("ddim", 3), ("dpmpp_2m", 2), ("dpmpp_2m", 3), ("ddpm (reference)", 5)]
+    for png in ("grid.png", "sweep.png"):
+        with Image.open(tmp_path / png) as im:
+            assert im.format == "PNG"
+            im.verify()
+
+    # MLflow: the stage's run holds the metrics, the images and the cascade as a pyfunc model.
+    mlflow.set_tracking_uri(mlflow_uri)
+    [run] = mlflow.search_runs(experiment_names=["evaluate-e2e"], output_format="list")
+    assert run.info.status == "FINISHED" and run.data.tags["imager.stage"] == "evaluate"
+    assert run.data.metrics["fid_evaluator"] == pytest.approx(m["fid_evaluator"])
+    assert run.data.params["sampler"] == "dpmpp_2m"
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/cascade")
+    images = model.predict(["red heart", "green apple"])
+    assert isinstance(images, np.ndarray) and images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+
+    # The same images as the cascade sampled directly with the evaluation's settings.
+    p = config.load(params)
+    direct = Cascade.load(cascade["base"] / "model.safetensors", cascade["sr"] / "model.safetensors")
+    cond, _ = encode_prompts(load_text_encoder(p.embed), ["red heart", "green apple"])
+    _, sr = direct.generate(
+        cond, sampler="dpmpp_2m", base_steps=3, base_guidance=2.0, sr_steps=2, sr_guidance=1.0, aug_level=0.1, seed=0, batch_size=4,
+    )
+    assert np.array_equal(images, to_uint8(sr).permute(0, 2, 3, 1).numpy())
+    other = model.predict(["red heart", "green apple"], params={"seed": 7})
+    assert not np.array_equal(images, other)
+
+
+def test_evaluate_without_the_evaluator_is_one_line(data, cascade, tmp_path):
+    c = {**cascade, "evaluator": tmp_path / "missing"}
+    line = error_line(*evaluate_args(data, c, cascade["params"], tmp_path))
+    assert "train-evaluator" in line
+    assert not (tmp_path / "evaluate.json").exists()
+
+
+# ---------------------------------------------------------------------------------- generate
+
+
+def gen_args(c: dict, out: Path, *extra: str) -> list:
+    return ["generate", "red heart", "--out", out, "--params", c["params"], "--base", c["base"] / "model.safetensors", "--sr", c["sr"] / "model.safetensors", *extra]
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_generate_same_seed_same_image(cascade, tmp_path):
+    invoke(*gen_args(cascade, tmp_path / "a.png", "--seed", "3"))
+    invoke(*gen_args(cascade, tmp_path / "b.png", "--seed", "3"))
+    invoke(*gen_args(cascade, tmp_path / "c.png", "--seed", "4"))
+    a, b, c = (pixels(tmp_path / f"{n}.png") for n in "abc")
+    assert a.shape == (16, 16, 3)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_generate_options(cascade, tmp_path):
+    out = invoke(*gen_args(cascade, tmp_path / "many.png", "--num", "2", "--sampler", "ddim", "--steps", "2"))
+    assert {p.name for p in tmp_path.iterdir()} == {"many-0.png", "many-1.png"}
+    assert "many-0.png" in out
+    invoke(*gen_args(cascade, tmp_path / "low.png", "--no-sr"))
+    assert pixels(tmp_path / "low.png").shape == (8, 8, 3)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: {**c, "base": c["root"] / "nowhere"}, "dvc repro train_base"),
+        (lambda c: {**c, "sr": c["root"] / "nowhere"}, "dvc repro train_sr"),
+        (lambda c: {**c, "sr": c["base"]}, "expected the super-resolution model"),
+    ],
+)
+def test_generate_without_trained_models_says_which_command_makes_them(cascade, tmp_path, change, message):
+    line = error_line(*gen_args(change(cascade), tmp_path / "x.png"))
+    assert message in line and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sampler", "nope"], "unknown sampler 'nope'"),
+        (["--out", "x.jpg"], "must be a .png"),
+    ],
+)
+def test_generate_bad_options_are_one_line(cascade, tmp_path, args, message):
+    base = gen_args(cascade, tmp_path / "x.png")
+    line = error_line(*base, *args)
+    assert message in line
+
+
+def test_generate_empty_prompt_is_one_line(cascade, tmp_path):
+    args = gen_args(cascade, tmp_path / "x.png")
+    args[1] = "   "
+    assert "prompt 1 is empty" in error_line(*args)
+
+
+def test_generate_checks_the_encoder_matches_the_models(cascade, tmp_path):
+    data = copy.deepcopy(PARAMS)
+    data["embed"]["max_length"] = 6
+    params = write(tmp_path / "params.yaml", data)
+    args = gen_args({**cascade, "params": params}, tmp_path / "x.png")
+    assert "max_length 6" in error_line(*args)
+
+
+def test_cascade_rejects_mismatched_resolutions(cascade):
+    base = Cascade.load(cascade["base"] / "model.safetensors").base
+    sr = Cascade.load(cascade["base"] / "model.safetensors", cascade["sr"] / "model.safetensors").sr
+    sr.lowres = 4
+    with pytest.raises(Exception, match="takes 4 px inputs"):
+        Cascade(base, sr)
+    assert torch.is_tensor(next(base.model.parameters()))
