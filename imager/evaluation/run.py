@@ -22,13 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from imager.evaluation.metrics import (
-    FID,
-    HFClip,
-    InceptionFeatures,
-    clip_score,
-    r_precision,
-)
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -36,6 +29,7 @@ from imager.cascade import Cascade, upscale
 from imager.data.shard import read_samples, shard_paths
 from imager.errors import DataError
 from imager.evaluation.config import Backbones, Evaluate
+from imager.evaluation.metrics import FID, HFClip, InceptionFeatures, clip_score, r_precision
 from imager.text.cache import EmbeddingCache
 from imager.training.grid import grid_image
 from imager.training.tasks import downsample, to_unit

@@ -54,8 +54,10 @@ SAMPLERS: dict[str, SamplerSpec] = {
         SamplerSpec("ddpm", sample_ddpm, "trailing", True, "Ho et al. 2020, Alg. 2 (= DDIM with eta = 1)"),
         SamplerSpec("ddim", sample_ddim, "trailing", False, "Song et al. 2021, Eq. 12 (eta = 0 by default)"),
         SamplerSpec("dpmpp_2m", sample_dpmpp_2m, "trailing", False, "Lu et al. 2022, DPM-Solver++ Alg. 2"),
-        SamplerSpec("euler", sample_euler, "karras", False, "Karras et al. 2022, Alg. 2, first order"),
-        SamplerSpec("euler_ancestral", sample_euler_ancestral, "karras", True, "k-diffusion, eta = 1 by default"),
+        # Trailing, not Karras, spacing for the Euler samplers: with the cosine schedule (σ_max ≈ 2e4)
+        # Karras σs gave 2x the evaluator FID at 5-10 steps on the default model (README, Samplers).
+        SamplerSpec("euler", sample_euler, "trailing", False, "Karras et al. 2022, Alg. 2, first order"),
+        SamplerSpec("euler_ancestral", sample_euler_ancestral, "trailing", True, "k-diffusion, eta = 1 by default"),
         SamplerSpec("heun", sample_heun, "karras", False, "Karras et al. 2022, Alg. 1/2"),
     )
 }

@@ -400,7 +400,7 @@ def test_registry_matches_config_and_default_spacings():
     assert set(SAMPLERS) == set(config.SAMPLERS)
     assert {n: s.default_spacing for n, s in SAMPLERS.items()} == {
         "ddpm": "trailing", "ddim": "trailing", "dpmpp_2m": "trailing",
-        "euler": "karras", "euler_ancestral": "karras", "heun": "karras",
+        "euler": "trailing", "euler_ancestral": "trailing", "heun": "karras",
     }  # fmt: skip
     assert get_sampler("heun").fn is sample_heun
 
