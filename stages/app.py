@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from stages.bench import bench
 from stages.download import download
 from stages.embed import embed
 from stages.evaluate import evaluate, train_evaluator
@@ -32,6 +33,7 @@ app.command("train-sr")(train_sr)
 app.command("train-evaluator")(train_evaluator)
 app.command()(evaluate)
 app.command()(generate)
+app.command()(bench)
 
 
 def main() -> None:

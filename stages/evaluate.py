@@ -74,12 +74,10 @@ def evaluate(
         atomic_write_json(sweep, result["sweep"])
         atomic_write_json(curve, result["curve"])
         _save_png(result["grid"], grid)
-        if result["sweep_plot"] is not None:
-            _save_png(result["sweep_plot"], plot)
+        _save_png(result["sweep_plot"], plot)
         run.log_dict(result["sweep"], "sweep.json")
         run.log_image(result["grid"], "evaluate_grid.png")
-        if result["sweep_plot"] is not None:
-            run.log_image(result["sweep_plot"], "sampler_sweep.png")
+        run.log_image(result["sweep_plot"], "sampler_sweep.png")
         run.log_cascade(base / MODEL_FILE, sr / MODEL_FILE, embed=p.embed.model_dump(mode="json"), sampling=sampling_defaults(p))
         finish(run, {"sampler": p.sampler, **result["metrics"]}, metrics, started)
 

@@ -52,7 +52,7 @@ class Sweep(Section):
     """The sampler-vs-steps curve: FID and R-precision of each sampler at each step count, plus a
     many-step reference, on ``prompts`` held-out prompts (fewer than the main evaluation)."""
 
-    samplers: tuple[SamplerName, ...] = ("ddim", "dpmpp_2m", "euler")
+    samplers: tuple[SamplerName, ...] = ("ddim", "dpmpp_2m", "euler_ancestral")
     steps: tuple[int, ...] = (5, 10, 20)
     reference_sampler: SamplerName = "ddpm"
     reference_steps: int = Field(100, ge=1, le=1000)

@@ -222,3 +222,14 @@ def test_cascade_rejects_mismatched_resolutions(cascade):
     with pytest.raises(Exception, match="takes 4 px inputs"):
         Cascade(base, sr)
     assert torch.is_tensor(next(base.model.parameters()))
+
+
+def test_evaluate_without_a_sweep_still_writes_every_output(data, cascade, tmp_path):
+    """DVC expects every declared output: with `sweep.prompts: 0` the plot says there is no sweep."""
+    off = copy.deepcopy(PARAMS)
+    off["evaluate"]["sweep"]["prompts"] = 0
+    invoke(*evaluate_args(data, cascade, write(tmp_path / "params.yaml", off), tmp_path))
+    assert json.loads((tmp_path / "sweep.json").read_text()) == {} and json.loads((tmp_path / "curve.json").read_text()) == []
+    with Image.open(tmp_path / "sweep.png") as im:
+        im.verify()
+    assert json.loads((tmp_path / "evaluate.json").read_text())["samples"] > 0

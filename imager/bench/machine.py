@@ -1,0 +1,87 @@
+"""What machine the numbers come from, and what its fp32 matmul peak is.
+
+The peak is measured, not taken from a datasheet: the median GFLOP/s of a large square fp32
+``torch.mm`` (2·N³ FLOPs each) over repeats, after warm-up. Training utilisation is the achieved
+GFLOP/s of a training step divided by it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from typing import Any
+
+import torch
+
+from imager.bench.measure import interleaved, median, synchronize
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cpu`` or ``cuda[:i]`` as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from imager.bench import BenchError
+
+        raise BenchError("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    return device
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (Linux), else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def describe_machine(device: torch.device) -> dict[str, Any]:
+    """CPU model, cores (all and usable by this process), torch threads and versions; the GPU on CUDA."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": usable,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": _version("diffusers"),
+        "device": str(device),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["cuda_matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32  # off: the peak and the models' matmuls are fp32
+        info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32  # on by default: convolutions may use TF32
+    return info
+
+
+def matmul_peak(device: torch.device, size: int, repeats: int, warmup: int) -> dict[str, Any]:
+    """This machine's fp32 matmul throughput: median GFLOP/s of ``size``² @ ``size``² over ``repeats``."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, generator=gen, device=device)
+    b = torch.randn(size, size, generator=gen, device=device)
+    out = torch.empty(size, size, device=device)
+    times = interleaved({"mm": lambda: torch.mm(a, b, out=out)}, repeats=repeats, warmup=warmup, device=device, desc="bench: matmul peak")
+    synchronize(device)
+    flops = 2 * size**3
+    seconds = median(times["mm"])
+    return {"size": size, "flops": flops, "seconds_median": seconds, "gflops": flops / seconds / 1e9}

@@ -1,0 +1,173 @@
+"""The two networks of the comparisons, built to match, and what one training step of each is.
+
+diffusers' ``UNet2DConditionModel`` is built as the mirror of Imager's UNet config: the same
+channels per level (``block_out_channels = base_channels·channel_mults``), the same ResBlocks per
+level (``layers_per_block = num_res_blocks``; both add one going up), cross-attention blocks at the
+same levels (plus the middle block in both), the same attention head width and GroupNorm groups, a
+time embedding of 4·base in both. It conditions on the text tokens by cross-attention only (no
+pooled vector: that is Imager's addition). The two parameter counts are reported side by side, and
+:func:`diffusers_unet_kwargs` is checked to be within :data:`PARAM_TOLERANCE` of Imager's.
+
+A training step, the same for both: forward, MSE against a fixed random target, backward, AdamW
+step, gradients set to None. Inputs are random tensors of the real shapes, so data loading and
+the diffusion process's own arithmetic are not part of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from imager.bench import BenchError
+from imager.models.config import UNetConfig
+from imager.models.unet import UNet
+
+PARAM_TOLERANCE = 0.10  # |diffusers / Imager − 1| allowed for "matched parameter count"
+LR = 1e-4
+
+
+def require_diffusers() -> Any:
+    """The diffusers module, or a one-line :class:`BenchError` saying how to install it."""
+    try:
+        import diffusers
+    except ImportError:
+        raise BenchError("diffusers is not installed: pip install 'imager[bench]'") from None
+    return diffusers
+
+
+def resolve_config(model: UNetConfig, *, text_dim: int, pooled_dim: int, context_length: int) -> UNetConfig:
+    """``model`` with the text dimensions an embedding cache would give it (as training resolves them)."""
+    update = {"text_dim": text_dim, "pooled_dim": pooled_dim, "context_length": context_length, "super_resolution": False}
+    return UNetConfig.model_validate({**model.model_dump(), **update})
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def imager_unet(config: UNetConfig, seed: int) -> UNet:
+    """Imager's UNet with random weights and a random (set) null condition, ready for CFG."""
+    torch.manual_seed(seed)
+    model = UNet(config)
+    if config.null_embedding == "cached":
+        gen = torch.Generator().manual_seed(seed + 1)
+        mask = torch.zeros(config.context_length, dtype=torch.bool)
+        mask[:2] = True  # the empty caption: start and end tokens
+        tokens = torch.randn(config.context_length, config.text_dim, generator=gen) * mask[:, None]  # (L, D)
+        model.set_null_condition(tokens, mask, torch.randn(config.pooled_dim, generator=gen))
+    return model
+
+
+def diffusers_unet_kwargs(config: UNetConfig, resolution: int) -> dict[str, Any]:
+    """UNet2DConditionModel arguments mirroring ``config`` (see the module docstring).
+
+    diffusers' ``attention_head_dim`` is, despite its name, the number of heads per block (its
+    ``num_attention_heads`` is refused), so it gets channels // head_dim per level.
+    """
+    channels = config.channels
+    levels = range(len(channels))
+    attn = set(config.attention_levels)
+    return {
+        "sample_size": resolution,
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "block_out_channels": tuple(channels),
+        "layers_per_block": config.num_res_blocks,
+        "down_block_types": tuple("CrossAttnDownBlock2D" if i in attn else "DownBlock2D" for i in levels),
+        "up_block_types": tuple("CrossAttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(levels)),
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "cross_attention_dim": config.text_dim,
+        "attention_head_dim": tuple(max(1, c // config.head_dim) for c in channels),
+        "norm_num_groups": config.norm_groups,
+        "dropout": config.dropout,
+    }
+
+
+def diffusers_unet(config: UNetConfig, resolution: int, seed: int) -> nn.Module:
+    diffusers = require_diffusers()
+    torch.manual_seed(seed)
+    return diffusers.UNet2DConditionModel(**diffusers_unet_kwargs(config, resolution))
+
+
+def matched_sizes(config: UNetConfig, resolution: int) -> dict[str, Any]:
+    """Both parameter counts, their relative difference and whether it is within the tolerance."""
+    ours, theirs = param_count(UNet(config)), param_count(diffusers_unet(config, resolution, seed=0))
+    diff = theirs / ours - 1
+    return {
+        "imager_params": ours,
+        "diffusers_params": theirs,
+        "relative_difference": diff,
+        "tolerance": PARAM_TOLERANCE,
+        "within_tolerance": abs(diff) <= PARAM_TOLERANCE,
+        "diffusers_config": {k: list(v) if isinstance(v, tuple) else v for k, v in diffusers_unet_kwargs(config, resolution).items()},
+    }
+
+
+# ------------------------------------------------------------------------------------- a step
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One training batch of random tensors in the real shapes."""
+
+    x: Tensor  # (B, C, H, W) noisy images
+    t: Tensor  # (B,) Imager's diffusion time in (0, 1]
+    timesteps: Tensor  # (B,) diffusers' integer timesteps, the same instants
+    tokens: Tensor  # (B, L, D), zero at padding
+    mask: Tensor  # (B, L) bool, True = real token
+    pooled: Tensor  # (B, P)
+    target: Tensor  # (B, C, H, W) what the MSE compares the output with
+
+    def with_text(self, tokens: Tensor, mask: Tensor, pooled: Tensor) -> Batch:
+        device = self.x.device
+        return dataclasses.replace(self, tokens=tokens.to(device).float(), mask=mask.to(device), pooled=pooled.to(device).float())
+
+
+def random_batch(config: UNetConfig, batch: int, resolution: int, device: torch.device, seed: int, timesteps: int = 1000) -> Batch:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, config.in_channels, resolution, resolution)
+    index = torch.randint(0, timesteps, (batch,), generator=gen)
+    length = config.context_length
+    lengths = torch.randint(2, length + 1, (batch,), generator=gen)  # real captions: 2..L tokens
+    mask = torch.arange(length)[None] < lengths[:, None]  # (B, L)
+    tokens = torch.randn(batch, length, config.text_dim, generator=gen) * mask[..., None]
+    tensors = {
+        "x": torch.randn(shape, generator=gen),
+        "t": (index + 1).float() / timesteps,
+        "timesteps": index,
+        "tokens": tokens,
+        "mask": mask,
+        "pooled": torch.randn(batch, config.pooled_dim, generator=gen),
+        "target": torch.randn(shape, generator=gen),
+    }
+    return Batch(**{k: v.to(device) for k, v in tensors.items()})
+
+
+def imager_forward(model: nn.Module) -> Callable[[Batch], Tensor]:
+    return lambda b: model(b.x, b.t, b.tokens, b.mask, b.pooled)
+
+
+def diffusers_forward(model: nn.Module) -> Callable[[Batch], Tensor]:
+    return lambda b: model(b.x, b.timesteps, encoder_hidden_states=b.tokens, encoder_attention_mask=b.mask).sample
+
+
+class TrainStep:
+    """forward + MSE + backward + AdamW step on a model, the same for every network."""
+
+    def __init__(self, model: nn.Module, forward: Callable[[Batch], Tensor]):
+        self.model, self.forward = model.train(), forward
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+
+    def loss_backward(self, batch: Batch) -> None:
+        """The part FLOPs are counted on: forward, loss, backward."""
+        F.mse_loss(self.forward(batch), batch.target).backward()
+
+    def __call__(self, batch: Batch) -> None:
+        self.loss_backward(batch)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,132 @@
+"""Comparisons as data: two measured numbers, their ratio, a target; rendered as JSON and markdown.
+
+Every comparison reports ``ours`` (Imager's side) and ``theirs`` (the alternative, or the machine's
+peak for utilisation) in the same unit, and ``ratio = ours / theirs`` computed from exactly those
+two numbers. A target is a bound on the ratio (``>=`` for throughputs and utilisation, ``<=`` for
+memory and FID); ``met`` is the plain comparison of the measured ratio with it, nothing rounded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# The targets of issue 6, on ratio = ours / theirs.
+TARGETS: dict[str, tuple[Literal[">=", "<="], float] | None] = {
+    "training_speed": (">=", 1.5),  # Imager ≥ 1.5× diffusers' training images/s
+    "training_utilisation": (">=", 0.55),  # ≥ 55 % of the fp32 matmul peak
+    "training_memory": ("<=", 1.0),  # peak training memory ≤ diffusers'
+    "sampling_speed": (">=", 1.5),  # ≥ 1.5× diffusers' images/s at 20 steps
+    "sampling_fid": ("<=", 1.05),  # DPM-Solver++ 20 steps within 5 % of 1000-step DDPM FID
+    "embedding_cache": (">=", 10.0),  # cache ≥ 10× on-the-fly steps/s
+    "data_loading": None,  # reported, no target
+}
+MET, NOT_MET, NO_TARGET = "✅ met", "❌ not met", "—"
+
+
+@dataclass
+class Comparison:
+    key: str  # one of TARGETS
+    title: str  # e.g. "Training step"
+    unit: str  # of ours and theirs, e.g. "images/s"
+    ours_label: str
+    ours: float
+    theirs_label: str
+    theirs: float
+    percent: bool = False  # show the ratio as a percentage (utilisation)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.ours / self.theirs if self.theirs else float("inf")
+
+    @property
+    def target(self) -> tuple[str, float] | None:
+        return TARGETS[self.key]
+
+    @property
+    def met(self) -> bool | None:
+        if self.target is None:
+            return None
+        op, bound = self.target
+        return self.ratio >= bound if op == ">=" else self.ratio <= bound
+
+    def to_json(self) -> dict[str, Any]:
+        target = None if self.target is None else {"op": self.target[0], "value": self.target[1]}
+        return {
+            "title": self.title,
+            "unit": self.unit,
+            "ours": {"label": self.ours_label, "value": self.ours},
+            "theirs": {"label": self.theirs_label, "value": self.theirs},
+            "ratio": self.ratio,
+            "ratio_definition": "ours / theirs",
+            "target": target,
+            "met": self.met,
+            "details": self.details,
+        }
+
+    # ------------------------------------------------------------------------------- markdown
+
+    def _ratio_text(self, value: float) -> str:
+        return f"{100 * value:.1f} %" if self.percent else f"{value:.2f}×"
+
+    def row(self) -> list[str]:
+        target = "—" if self.target is None else f"{'≥' if self.target[0] == '>=' else '≤'} {self._ratio_text(self.target[1])}"
+        mark = NO_TARGET if self.met is None else (MET if self.met else NOT_MET)
+        return [
+            self.title,
+            f"{_num(self.ours)} {self.unit} ({self.ours_label})",
+            f"{_num(self.theirs)} {self.unit} ({self.theirs_label})",
+            self._ratio_text(self.ratio),
+            target,
+            mark,
+        ]
+
+
+HEADER = ["Comparison", "Imager", "Baseline", "Ratio", "Target", "Met"]
+
+
+def _num(value: float) -> str:
+    if value == 0 or abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}"
+
+
+@dataclass
+class Report:
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    comparisons: list[Comparison]
+    notes: list[str] = field(default_factory=list)
+
+    def rows(self) -> list[list[str]]:
+        return [c.row() for c in self.comparisons]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "machine": self.machine,
+            "settings": self.settings,
+            "comparisons": {c.key: c.to_json() for c in self.comparisons},
+            "notes": self.notes,
+        }
+
+    def markdown(self) -> str:
+        m = self.machine
+        device = m.get("gpu") or f"{m['cpu']} ({m['cpu_cores_usable']} usable of {m['cpu_cores']} cores, {m['torch_threads']} torch threads)"
+        lines = [
+            "# Imager benchmarks",
+            "",
+            f"Measured by `imager bench` on **{device}**; torch {m['torch']}, diffusers {m['diffusers']}, "
+            f"{m['platform']}. Medians over {self.settings['repeats']} repeats after {self.settings['warmup']} warm-up "
+            f"rounds{' (quick smoke run: tiny sizes, not representative)' if self.settings.get('quick') else ''}.",
+            "",
+            "| " + " | ".join(HEADER) + " |",
+            "|" + "|".join(["---"] * len(HEADER)) + "|",
+        ]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in self.rows()]
+        lines += ["", "Ratio = Imager / baseline, measured in the same run; targets are issue 6's.", ""]
+        if self.notes:
+            lines += ["## Notes", ""] + [f"- {note}" for note in self.notes] + [""]
+        return "\n".join(lines)

@@ -1,0 +1,174 @@
+"""Run the comparisons and collect a :class:`Report`.
+
+Everything runs in this process, one comparison after another, with the machine described first
+and its fp32 matmul peak measured before the training comparison (which needs it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imager.bench.cache import bench_cache
+from imager.bench.data import bench_data, ensure_shards, first_samples
+from imager.bench.machine import describe_machine, matmul_peak
+from imager.bench.models import require_diffusers, resolve_config
+from imager.bench.report import Comparison, Report
+from imager.bench.sampling import bench_fid, bench_sampling
+from imager.bench.training import bench_training
+from imager.config import Embed
+from imager.diffusion.config import ScheduleConfig
+from imager.diffusion.schedule import NoiseSchedule
+from imager.evaluation.config import Evaluate
+from imager.models.config import UNetConfig
+
+log = logging.getLogger(__name__)
+COMPARISONS = ("training", "sampling", "cache", "data")
+BUSY_LOAD = 0.5  # 1-min load average per usable core above which the numbers get a warning
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Sizes and repeats. The defaults are the full benchmark; :meth:`quick` is a seconds-long smoke run."""
+
+    batch_size: int = 32  # training, cache and data batches
+    resolution: int = 32  # train_base.resolution
+    repeats: int = 5  # recorded rounds per comparison (medians over these)
+    warmup: int = 2  # unrecorded rounds first
+    sampling_batch: int = 32
+    sampling_steps: int = 20
+    guidance: float = 3.0  # evaluate.base.guidance
+    matmul_size: int = 2048
+    data_batches: int = 4  # loader batches per round
+    shuffle_buffer: int = 1000  # train_base.shuffle_buffer
+    synthetic_samples: int = 512  # when there are no shards
+    synthetic_resolution: int = 64  # shard.resolution
+    fid: bool = False
+    fid_prompts: int = 64
+    fid_steps: int = 20
+    fid_reference_steps: int = 1000
+    seed: int = 0
+    only: tuple[str, ...] = COMPARISONS
+    quick: bool = False
+
+    @classmethod
+    def quick_run(cls, **overrides: Any) -> BenchSettings:
+        tiny = dict(batch_size=4, resolution=16, repeats=2, warmup=1, sampling_batch=2, sampling_steps=3, matmul_size=128,
+                    data_batches=1, shuffle_buffer=8, synthetic_samples=40, synthetic_resolution=16, fid_prompts=4,
+                    fid_steps=3, fid_reference_steps=10, quick=True)
+        return cls(**{**tiny, **overrides})
+
+
+QUICK_MODEL = UNetConfig(base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,), head_dim=32)
+
+
+@dataclass(frozen=True)
+class BenchPaths:
+    shards: Path = Path("data/shards")
+    embeddings: Path = Path("data/embeddings")
+    base_model: Path = Path("data/models/base/model.safetensors")
+    evaluator: Path = Path("data/models/evaluator/evaluator.safetensors")
+
+
+def _text_dims(embeddings: Path, encoder_loader) -> dict[str, int]:
+    """Text dims as training resolves them: from the cache's meta, else from the encoder."""
+    meta_path = Path(embeddings) / "meta.json"
+    if meta_path.is_file():
+        import json
+
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        return {"text_dim": meta["token_dim"], "pooled_dim": meta["pooled_dim"], "context_length": meta["max_length"]}
+    enc = encoder_loader()
+    return {"text_dim": enc.token_dim, "pooled_dim": enc.pooled_dim, "context_length": enc.max_length}
+
+
+def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embed: Embed, evaluate: Evaluate, *,
+              settings: BenchSettings, paths: BenchPaths, device: torch.device) -> Report:
+    """Every comparison in ``settings.only`` (plus the FID one with ``settings.fid``) on ``device``."""
+    require_diffusers()
+    s = settings
+    machine = describe_machine(device)
+    encoder_box: list[Any] = []
+
+    def encoder():
+        if not encoder_box:
+            from imager.text.base import load_text_encoder
+
+            encoder_box.append(load_text_encoder(embed))
+        return encoder_box[0]
+
+    config = resolve_config(model, **_text_dims(paths.embeddings, encoder))
+    comparisons: list[Comparison] = []
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="imager-bench-") as tmp:
+        tmp_path = Path(tmp)
+        if "training" in s.only:
+            peak = matmul_peak(device, s.matmul_size, s.repeats, s.warmup)
+            machine["fp32_matmul_peak"] = peak
+            rows, details = bench_training(config, batch_size=s.batch_size, resolution=s.resolution, repeats=s.repeats,
+                                           warmup=s.warmup, seed=s.seed, device=device, peak_gflops=peak["gflops"])
+            rows[0].details.update(details)  # the shared numbers (sizes, FLOPs, times) go with the speed row
+            comparisons += rows
+            notes.append(f"Peak memory: {details['memory_method']}; region: {rows[2].details['region']}.")
+            notes.append("FLOPs: torch.utils.flop_counter.FlopCounterMode over forward + loss + backward (matmul, conv, "
+                         "attention by shape; the CPU flash-attention kernel given torch's SDPA formulas). Utilisation = "
+                         f"achieved GFLOP/s / median GFLOP/s of a {s.matmul_size}² fp32 torch.mm.")
+            if not details["within_tolerance"]:
+                notes.append(f"The diffusers model is {100 * details['relative_difference']:+.1f} % off Imager's parameter count, "
+                             f"outside ±{100 * details['tolerance']:.0f} %.")
+        if "sampling" in s.only:
+            comparisons.append(bench_sampling(config, NoiseSchedule.from_config(schedule), prediction, batch_size=s.sampling_batch,
+                                              resolution=s.resolution, steps=s.sampling_steps, guidance=s.guidance,
+                                              repeats=s.repeats, warmup=s.warmup, seed=s.seed, device=device))
+        if s.fid:
+            comparisons.append(bench_fid(paths.base_model, paths.evaluator, shards_dir=paths.shards, cache_dir=paths.embeddings,
+                                         cfg=evaluate, prompts=s.fid_prompts, steps=s.fid_steps, reference_steps=s.fid_reference_steps))
+            notes.append("FID: the trained base model on CPU (imager.cascade), evaluator features, held-out prompts.")
+        if {"cache", "data"} & set(s.only):
+            shards, synthetic = ensure_shards(paths.shards, tmp_path, count=s.synthetic_samples,
+                                              resolution=s.synthetic_resolution, seed=s.seed)
+            if synthetic:
+                notes.append(f"No shards at {paths.shards}: the cache and data comparisons used {s.synthetic_samples} "
+                             f"synthetic {s.synthetic_resolution} px samples.")
+            if "cache" in s.only:
+                samples = first_samples(shards, (s.warmup + s.repeats) * s.batch_size)
+                comparisons.append(bench_cache(config, encoder(), samples, cache_dir=paths.embeddings, tmp=tmp_path,
+                                               batch_size=s.batch_size, resolution=s.resolution, repeats=s.repeats,
+                                               warmup=s.warmup, seed=s.seed, device=device))
+                sec = comparisons[-1].details["seconds_median"]
+                notes.append(f"Embedding cache: the text part alone is {sec['encode'] / sec['lookup']:.0f}× faster (lookup "
+                             f"{1e3 * sec['lookup']:.2f} ms vs encode {1e3 * sec['encode']:.1f} ms per batch); the training step, "
+                             f"the same on both sides, bounds the steps/s ratio at (step + encode) / step.")
+                if device.type == "cuda":
+                    notes.append("The on-the-fly text encoder ran on the CPU (as imager's encoders do), the UNet on the GPU.")
+            if "data" in s.only:
+                comparisons.append(bench_data(shards, tmp_path, batch_size=s.batch_size, batches=s.data_batches,
+                                              shuffle_buffer=s.shuffle_buffer, repeats=s.repeats, warmup=s.warmup, seed=s.seed))
+    notes.append("Timing: the two sides alternate round by round; each number is the median of its recorded rounds.")
+    notes += _load_notes(machine)
+    settings_json = {**dataclasses.asdict(s), "only": list(s.only), "device": str(device), "model": config.model_dump(mode="json"),
+                     "schedule": schedule.model_dump(mode="json"), "prediction": prediction, "timing": "interleaved rounds, medians"}
+    return Report(machine=machine, settings=settings_json, comparisons=comparisons, notes=notes)
+
+
+def _load_notes(machine: dict[str, Any]) -> list[str]:
+    start = machine.get("load_average_1min_at_start")
+    if start is None or not hasattr(os, "getloadavg"):
+        return []
+    end = round(os.getloadavg()[0], 2)
+    machine["load_average_1min_at_end"] = end
+    cores = machine["cpu_cores_usable"] or 1
+    if max(start, end) / cores > BUSY_LOAD and machine["device"] == "cpu":
+        return [f"The machine was busy (1-min load average {start} at the start, {end} at the end, {cores} cores): "
+                "other processes shared the CPU, so absolute numbers are low and ratios noisy."]
+    return []
+
+
+__all__ = ["COMPARISONS", "BenchPaths", "BenchSettings", "QUICK_MODEL", "run_bench"]

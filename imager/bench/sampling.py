@@ -1,0 +1,143 @@
+"""Comparison 2: sampling throughput, and (trained models only) DPM-Solver++ vs DDPM quality.
+
+Speed: Imager's base-model sampling as the cascade does it (classifier-free guidance by
+:func:`imager.samplers.cfg_net` on the doubled batch, :func:`imager.samplers.model_denoiser`,
+DPM-Solver++(2M) through :func:`imager.samplers.sample`; :func:`imager_sample` is
+:func:`imager.training.grid.sample_model` with the noise drawn on the model's device) vs the
+matched diffusers UNet driven by ``DPMSolverMultistepScheduler`` (dpmsolver++, order 2, trailing
+spacing, Imager's own betas and prediction target), CFG by batch doubling. Same batch, steps and
+guidance scale; random weights (throughput does not depend on them).
+
+Quality (``--fid``): the trained base model, 20 DPM-Solver++ steps vs 1000 DDPM steps, each scored
+with the evaluator's FID against the held-out reference (imager.evaluation.run.held_out, Scorer).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imager.bench.measure import interleaved, median
+from imager.bench.models import diffusers_unet, imager_unet, random_batch, require_diffusers
+from imager.bench.report import Comparison
+from imager.diffusion.schedule import NoiseSchedule
+from imager.evaluation.config import Evaluate
+from imager.models.config import UNetConfig
+from imager.samplers import cfg_net, model_denoiser, sample
+
+log = logging.getLogger(__name__)
+Tensor = torch.Tensor
+DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+
+@torch.no_grad()
+def imager_sample(model, schedule: NoiseSchedule, prediction: str, cond: tuple[Tensor, Tensor, Tensor], *,
+                  resolution: int, sampler: str, steps: int, guidance: float, seed: int) -> Tensor:
+    """(B, C, R, R) samples, exactly as ``sample_model`` draws them, on the model's device."""
+    model.eval()
+    device = next(model.parameters()).device
+    tokens, mask, pooled = cond
+    null = model.null_condition(tokens.shape[0])
+    net = lambda x, t, tk, mk, pl: model(x, t, tk, mk, pl)  # noqa: E731
+    guided = cfg_net(net, (tokens, mask, pooled), null, guidance)
+    denoise = model_denoiser(guided, schedule, prediction)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (tokens.shape[0], model.config.out_channels, resolution, resolution)
+    return sample(denoise, shape, schedule, sampler=sampler, steps=steps, generator=gen).clamp(-1, 1)
+
+
+def diffusers_scheduler(schedule: NoiseSchedule, prediction: str):
+    """DPMSolverMultistepScheduler on Imager's betas: DPM-Solver++(2M), trailing spacing."""
+    diffusers = require_diffusers()
+    return diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=schedule.num_steps,
+        trained_betas=schedule.betas.float().numpy(),
+        prediction_type=DIFFUSERS_PREDICTION[prediction],
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        timestep_spacing="trailing",
+    )
+
+
+@torch.no_grad()
+def diffusers_sample(unet, scheduler, cond: tuple[Tensor, Tensor], null: tuple[Tensor, Tensor], *,
+                     resolution: int, steps: int, guidance: float, seed: int) -> Tensor:
+    """The diffusers loop: CFG by batch doubling, ``scheduler.step`` after each UNet call."""
+    unet.eval()
+    device = next(unet.parameters()).device
+    tokens, mask = cond
+    b = tokens.shape[0]
+    context = torch.cat([tokens, null[0].expand_as(tokens)])  # (2B, L, D)
+    context_mask = torch.cat([mask, null[1].expand_as(mask)])  # (2B, L)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn((b, unet.config.out_channels, resolution, resolution), generator=gen, device=device)
+    scheduler.set_timesteps(steps, device=device)
+    x = x * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(torch.cat([x, x]), t)
+        out = unet(inp, t, encoder_hidden_states=context, encoder_attention_mask=context_mask).sample
+        out_c, out_u = out.split(b)
+        x = scheduler.step(out_u + guidance * (out_c - out_u), t, x).prev_sample
+    return x.clamp(-1, 1)
+
+
+def bench_sampling(config: UNetConfig, schedule: NoiseSchedule, prediction: str, *, batch_size: int, resolution: int,
+                   steps: int, guidance: float, repeats: int, warmup: int, seed: int, device: torch.device) -> Comparison:
+    ours = imager_unet(config, seed).to(device).eval()
+    theirs = diffusers_unet(config, resolution, seed).to(device).eval()
+    scheduler = diffusers_scheduler(schedule, prediction)
+    b = random_batch(config, batch_size, resolution, device, seed)
+    null_tokens, null_mask, _ = ours.null_condition(1)
+    contenders = {
+        "imager": lambda: imager_sample(ours, schedule, prediction, (b.tokens, b.mask, b.pooled), resolution=resolution,
+                                        sampler="dpmpp_2m", steps=steps, guidance=guidance, seed=seed),
+        "diffusers": lambda: diffusers_sample(theirs, scheduler, (b.tokens, b.mask), (null_tokens, null_mask), resolution=resolution,
+                                              steps=steps, guidance=guidance, seed=seed),
+    }
+    times = interleaved(contenders, repeats=repeats, warmup=warmup, device=device, desc="bench: sampling")
+    ips = {n: batch_size / median(t) for n, t in times.items()}
+    details = {
+        "batch_size": batch_size,
+        "resolution": resolution,
+        "steps": steps,
+        "guidance": guidance,
+        "network_evaluations_per_image": steps,
+        "cfg": "one forward on the doubled batch (2B) per step, both",
+        "seconds_per_batch": {n: {"median": median(t), "all": t} for n, t in times.items()},
+        "imager": "imager.samplers: cfg_net + model_denoiser + sample('dpmpp_2m', trailing)",
+        "diffusers": "DPMSolverMultistepScheduler(dpmsolver++, solver_order=2, timestep_spacing='trailing', Imager's betas)",
+    }
+    return Comparison("sampling_speed", f"Sampling, {steps} steps, CFG", "images/s", "Imager DPM-Solver++(2M)", ips["imager"],
+                      "diffusers DPMSolverMultistepScheduler", ips["diffusers"], details=details)
+
+
+def bench_fid(base_model: Path, evaluator_path: Path, *, shards_dir: Path, cache_dir: Path, cfg: Evaluate, prompts: int,
+              steps: int, reference_steps: int) -> Comparison:
+    """FID (evaluator) of the trained base model: DPM-Solver++ at ``steps`` vs DDPM at ``reference_steps``."""
+    from imager.cascade import Cascade
+    from imager.evaluation.config import Backbones
+    from imager.evaluation.evaluator import load_evaluator
+    from imager.evaluation.run import Scorer, held_out
+    from imager.text.cache import EmbeddingCache
+
+    cascade = Cascade.load(base_model)
+    evaluator = load_evaluator(evaluator_path)
+    cfg = cfg.model_copy(update={"prompts": prompts, "grid_rows": min(cfg.grid_rows, prompts)})
+    data = held_out(shards_dir, EmbeddingCache(cache_dir), cfg)
+    scorer = Scorer(evaluator, data, cfg, cascade.base.resolution, Backbones())
+    results: dict[str, Any] = {}
+    for sampler, n in (("dpmpp_2m", steps), ("ddpm", reference_steps)):
+        started = time.perf_counter()
+        images, _ = cascade.generate(data.cond, sampler=sampler, base_steps=n, base_guidance=cfg.base.guidance, seed=cfg.seed,
+                                     batch_size=cfg.batch_size, use_sr=False)
+        seconds = time.perf_counter() - started
+        results[sampler] = {"steps": n, "fid_evaluator": scorer.score(images, data.targets, clip=False)["fid_evaluator"], "seconds": seconds}
+        log.info("bench: %s at %d steps: FID %.3f (%.0f s)", sampler, n, results[sampler]["fid_evaluator"], seconds)
+    details = {"prompts": len(data.captions), "guidance": cfg.base.guidance, "seed": cfg.seed, "model": str(base_model), **results}
+    return Comparison("sampling_fid", "Sampling quality, evaluator FID (lower is better)", "FID",
+                      f"DPM-Solver++(2M), {steps} steps", results["dpmpp_2m"]["fid_evaluator"],
+                      f"DDPM, {reference_steps} steps", results["ddpm"]["fid_evaluator"], details=details)

@@ -1,0 +1,92 @@
+"""`imager bench`: Imager vs diffusers (training, sampling), the embedding cache vs on-the-fly
+encoding, and shards vs a PNG folder, measured in one process on this machine.
+
+Not a pipeline stage: it reads params.yaml (the base model, its resolution and batch, the text
+encoder) and, when present, the pipeline's shards, embedding cache and trained models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from imager.errors import ConfigError
+from stages._common import ParamsOption, load_params, user_errors
+
+
+@user_errors
+def bench(
+    json_out: Annotated[Path, typer.Option("--json", help="Results JSON: machine, settings, every comparison with its ratio.")] = Path("docs/benchmarks.json"),
+    markdown: Annotated[Path, typer.Option(help="Results as a markdown table.")] = Path("docs/benchmarks.md"),
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes, 2 repeats: a seconds-long smoke run, not a measurement.")] = False,
+    repeats: Annotated[int | None, typer.Option(min=1, help="Recorded rounds per comparison (medians over them). Default 5 (quick: 2).")] = None,
+    warmup: Annotated[int | None, typer.Option(min=0, help="Unrecorded warm-up rounds first. Default 2 (quick: 1).")] = None,
+    batch: Annotated[int | None, typer.Option(min=1, help="Training/cache/data batch. Default: train_base.batch_size.")] = None,
+    sampling_batch: Annotated[int | None, typer.Option(min=1, help="Sampling batch. Default 32.")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, max=1000, help="Sampling steps. Default 20.")] = None,
+    only: Annotated[list[str] | None, typer.Option(help="Run only these comparisons (repeatable): training, sampling, cache, data.")] = None,
+    fid: Annotated[bool, typer.Option("--fid", help="Also DPM-Solver++ 20 vs DDPM 1000 steps in FID (needs trained base model + evaluator; slow).")] = False,
+    fid_prompts: Annotated[int | None, typer.Option(min=2, help="Held-out prompts for --fid. Default: evaluate.sweep.prompts.")] = None,
+    device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda[:i].")] = "auto",
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads. Default: train_base.threads, else torch's.")] = None,
+    shards: Annotated[Path, typer.Option(help="Shard directory; a small synthetic set is made when it has no index.json.")] = Path("data/shards"),
+    embeddings: Annotated[Path, typer.Option(help="Embedding cache; one is built for the benchmark's captions if it does not fit.")] = Path("data/embeddings"),
+    base_model: Annotated[Path, typer.Option(help="Trained base model (--fid).")] = Path("data/models/base/model.safetensors"),
+    evaluator: Annotated[Path, typer.Option(help="Trained evaluator (--fid).")] = Path("data/models/evaluator/evaluator.safetensors"),
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Benchmark Imager against diffusers and the simple alternatives; write JSON + markdown and print the table."""
+    import torch
+
+    from imager.bench.models import require_diffusers
+    from imager.bench.run import COMPARISONS, QUICK_MODEL, BenchPaths, BenchSettings, run_bench
+    from imager.io import atomic_write_json, atomic_write_text
+
+    require_diffusers()  # the one-line install hint before anything slow
+    chosen = tuple(only) if only else COMPARISONS
+    unknown = [c for c in chosen if c not in COMPARISONS]
+    if unknown:
+        raise ConfigError(f"--only: unknown comparison '{unknown[0]}'; valid: {', '.join(COMPARISONS)}")
+    p = load_params(params)
+    tb = p.train_base
+    if threads or tb.threads:
+        torch.set_num_threads(threads or tb.threads)
+    base = {"resolution": tb.resolution, "batch_size": tb.batch_size, "guidance": p.evaluate.base.guidance,
+            "shuffle_buffer": tb.shuffle_buffer, "synthetic_resolution": p.shard.resolution, "fid_prompts": p.evaluate.sweep.prompts}
+    given = {"repeats": repeats, "warmup": warmup, "batch_size": batch, "sampling_batch": sampling_batch, "sampling_steps": steps,
+             "fid_prompts": fid_prompts}
+    overrides = {"fid": fid, "only": chosen, **{k: v for k, v in given.items() if v is not None}}
+    settings = BenchSettings.quick_run(**overrides) if quick else BenchSettings(**{**base, **overrides})
+    if fid:
+        for path, what in ((base_model, "--base-model"), (evaluator, "--evaluator"), (embeddings / "meta.json", "--embeddings")):
+            if not path.is_file():
+                raise ConfigError(f"{what}: {path} not found; --fid needs the trained pipeline (`dvc repro`)")
+    from imager.bench.machine import resolve_device
+
+    report = run_bench(
+        QUICK_MODEL if quick else tb.model, tb.schedule, tb.loss.prediction, p.embed, p.evaluate, settings=settings,
+        paths=BenchPaths(shards=shards, embeddings=embeddings, base_model=base_model, evaluator=evaluator), device=resolve_device(device),
+    )
+    atomic_write_json(json_out, report.to_json())
+    atomic_write_text(markdown, report.markdown())
+    _print_table(report)
+    typer.echo(f"wrote {json_out} and {markdown}")
+
+
+def _print_table(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from imager.bench.report import HEADER
+
+    table = Table(title="imager bench", show_lines=False)
+    for name in HEADER:  # the two value columns wrap; the title, ratio and mark stay whole
+        table.add_column(name, overflow="fold", no_wrap=name not in ("Imager", "Baseline"))
+    for row in report.rows():
+        table.add_row(*row)
+    console = Console(width=max(Console().width, 160))
+    console.print(table)
+    for note in report.notes:
+        console.print(f"- {note}", highlight=False)

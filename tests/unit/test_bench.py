@@ -1,0 +1,199 @@
+"""`imager bench`: the accounting, not the speed. FLOPs of known ops against their closed forms, the
+matched model sizes, a peak-memory probe that sees torch's allocations, the report's ratios and
+marks, and a tiny end-to-end run through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from imager import config as imager_config
+from imager.bench import BenchError
+from imager.bench.measure import count_flops, measure_peak
+from imager.bench.report import MET, NO_TARGET, NOT_MET, TARGETS, Comparison, Report
+from stages.app import app
+from tests.conftest import REPO
+
+runner = CliRunner()
+ROWS = ("training_speed", "training_utilisation", "training_memory", "sampling_speed", "embedding_cache", "data_loading")
+# diffusers' DPM scheduler calls np.array on a torch tensor (its code, numpy 2): harmless here
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a busy 2-core machine two OpenMP threads spin-wait for each other (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+
+
+@pytest.mark.parametrize(("input_grad", "factor"), [(False, 2), (True, 3)])
+def test_linear_flops_are_2_b_in_out_forward_and_3x_with_backward(input_grad, factor):
+    b, d_in, d_out = 5, 16, 8
+    layer = torch.nn.Linear(d_in, d_out)
+    x = torch.randn(b, d_in, requires_grad=input_grad)
+    forward = 2 * b * d_in * d_out  # one multiply-add per weight per row
+    assert count_flops(lambda: layer(x)) == forward
+    # backward: the weight gradient (another 2·B·in·out), and the input gradient when x needs one
+    assert count_flops(lambda: layer(x).sum().backward()) == factor * forward
+
+
+def test_cpu_attention_flops_follow_the_sdpa_formula():
+    b, h, s_q, s_k, d = 2, 3, 16, 8, 4
+    q, k, v = (torch.randn(b, h, s, d) for s in (s_q, s_k, s_k))
+    mask = torch.ones(b, 1, 1, s_k, dtype=torch.bool)
+    # QKᵀ and (softmax)·V: 2·B·H·S_q·S_k·D each. torch's own registry counts 0 for the CPU kernel.
+    expected = 2 * (2 * b * h * s_q * s_k * d)
+    assert count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)) == expected
+
+
+# ----------------------------------------------------------------------------------------- memory
+
+
+def test_peak_memory_sees_torch_allocations():
+    size = 64 * 2**20
+    with measure_peak(torch.device("cpu")) as peak:
+        x = torch.ones(size // 4)  # 64 MiB of float32, written, so resident
+        del x
+    assert 0.9 * size <= peak.bytes <= 1.5 * size + 32 * 2**20, peak
+    assert peak.method
+
+
+# ----------------------------------------------------------------------------------------- models
+
+
+def test_diffusers_model_matches_the_default_base_model_size():
+    pytest.importorskip("diffusers")
+    from imager.bench.models import PARAM_TOLERANCE, diffusers_unet, imager_unet, matched_sizes, param_count, resolve_config
+
+    params = imager_config.load(REPO / "params.yaml")
+    cfg = resolve_config(params.train_base.model, text_dim=384, pooled_dim=384, context_length=32)
+    sizes = matched_sizes(cfg, params.train_base.resolution)
+    assert sizes["imager_params"] == param_count(imager_unet(cfg, 0))
+    assert sizes["diffusers_params"] == param_count(diffusers_unet(cfg, params.train_base.resolution, 0))
+    assert abs(sizes["diffusers_params"] / sizes["imager_params"] - 1) <= PARAM_TOLERANCE
+    assert sizes["within_tolerance"]
+
+
+def test_bench_sampling_draws_what_sample_model_draws():
+    pytest.importorskip("diffusers")
+    from imager.bench.models import imager_unet, random_batch, resolve_config
+    from imager.bench.run import QUICK_MODEL
+    from imager.bench.sampling import imager_sample
+    from imager.diffusion.config import ScheduleConfig
+    from imager.diffusion.schedule import NoiseSchedule
+    from imager.training.grid import sample_model
+
+    cfg = resolve_config(QUICK_MODEL, text_dim=16, pooled_dim=8, context_length=4)
+    model = imager_unet(cfg, 0)
+    torch.nn.init.normal_(model.conv_out.weight, std=0.1)  # non-zero outputs, so the guidance matters
+    b = random_batch(cfg, 2, 8, torch.device("cpu"), 0)
+    schedule = NoiseSchedule.from_config(ScheduleConfig())
+    kwargs = {"resolution": 8, "sampler": "dpmpp_2m", "steps": 3, "guidance": 3.0, "seed": 5}
+    ours = imager_sample(model, schedule, "v", (b.tokens, b.mask, b.pooled), **kwargs)
+    ref = sample_model(model, schedule, "v", (b.tokens, b.mask, b.pooled), **kwargs)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+
+
+def test_missing_diffusers_is_one_line_with_the_install_hint(monkeypatch):
+    from imager.bench.models import require_diffusers
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
+    with pytest.raises(BenchError, match=r"pip install 'imager\[bench\]'"):
+        require_diffusers()
+    result = runner.invoke(app, ["bench", "--quick"])
+    assert result.exit_code == 1
+    assert "error: diffusers is not installed: pip install 'imager[bench]'" in result.output
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+@pytest.mark.parametrize(("key", "ours", "theirs", "met"), [
+    ("training_speed", 3.0, 2.0, True),  # 1.5× ≥ 1.5×
+    ("training_speed", 2.9, 2.0, False),
+    ("training_memory", 100.0, 100.0, True),  # ≤ 1
+    ("training_memory", 101.0, 100.0, False),
+    ("training_utilisation", 55.0, 100.0, True),
+    ("sampling_fid", 10.6, 10.0, False),  # 6 % worse than the reference
+    ("data_loading", 1.0, 2.0, None),  # no target
+])
+def test_met_follows_target_and_ratio(key, ours, theirs, met):
+    c = Comparison(key, "row", "u", "a", ours, "b", theirs)
+    assert c.ratio == ours / theirs
+    assert c.met is met
+    assert c.row()[-1] == {True: MET, False: NOT_MET, None: NO_TARGET}[met]
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+def test_quick_bench_through_the_cli(tmp_path):
+    pytest.importorskip("diffusers")
+    out_json, out_md = tmp_path / "out/bench.json", tmp_path / "out/bench.md"
+    result = runner.invoke(app, [
+        "bench", "--quick", "--threads", "1", "--json", str(out_json), "--markdown", str(out_md),
+        "--shards", str(tmp_path / "no-shards"), "--embeddings", str(tmp_path / "no-cache"),
+        "--params", str(REPO / "params.yaml"),
+    ], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out_json.read_text())
+    markdown = out_md.read_text()
+
+    machine = report["machine"]
+    for key in ("cpu", "cpu_cores", "torch_threads", "torch", "diffusers", "fp32_matmul_peak"):
+        assert machine[key], key
+    assert machine["torch_threads"] == 1
+    assert set(report["comparisons"]) == set(ROWS)
+    for key, c in report["comparisons"].items():
+        ours, theirs = c["ours"]["value"], c["theirs"]["value"]
+        assert math.isfinite(ours) and math.isfinite(theirs) and theirs > 0, key
+        assert c["ratio"] == pytest.approx(ours / theirs, rel=1e-12), key
+        target = TARGETS[key]
+        if target is None:
+            assert c["target"] is None and c["met"] is None
+            mark = NO_TARGET
+        else:
+            op, bound = target
+            assert c["target"] == {"op": op, "value": bound}
+            assert c["met"] == (c["ratio"] >= bound if op == ">=" else c["ratio"] <= bound), key
+            mark = MET if c["met"] else NOT_MET
+        row = next(line for line in markdown.splitlines() if line.startswith(f"| {c['title']} |"))
+        assert row.rstrip().endswith(f"| {mark} |"), row
+        assert c["title"] in result.output
+
+    training = report["comparisons"]["training_speed"]["details"]
+    assert training["within_tolerance"]
+    flops, seconds = training["flops_per_step"]["imager"], training["step_seconds"]["imager"]["median"]
+    utilisation = report["comparisons"]["training_utilisation"]
+    assert utilisation["ours"]["value"] == pytest.approx(flops / seconds / 1e9)
+    assert utilisation["theirs"]["value"] == pytest.approx(machine["fp32_matmul_peak"]["gflops"])
+    assert len(training["step_seconds"]["imager"]["all"]) == report["settings"]["repeats"]  # warm-up not recorded
+    assert report["settings"]["quick"] is True
+
+
+def test_unknown_comparison_is_a_one_line_error(tmp_path):
+    pytest.importorskip("diffusers")
+    result = runner.invoke(app, ["bench", "--quick", "--only", "speed", "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 1
+    assert "--only: unknown comparison 'speed'; valid: training, sampling, cache, data" in result.output
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_report_markdown_has_every_row():
+    rows = [Comparison(key, f"Row {key}", "u", "ours", 2.0, "theirs", 1.0) for key in TARGETS]
+    machine = {"cpu": "cpu", "cpu_cores": 2, "cpu_cores_usable": 2, "torch_threads": 2, "torch": "2", "diffusers": "0", "platform": "linux"}
+    text = Report(machine, {"repeats": 3, "warmup": 1}, rows, ["a note"]).markdown()
+    for c in rows:
+        assert f"| Row {c.key} | 2 u (ours) | 1 u (theirs) | " in text
+    assert "- a note" in text
