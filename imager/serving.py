@@ -11,7 +11,6 @@ works anywhere Imager is installed. The evaluate stage logs it (``StageRun.log_c
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,37 +61,34 @@ def prompts_of(model_input: Any) -> list[str]:
     return [str(v) for v in list(model_input)]
 
 
-# No type hints on predict: MLflow would then replace our signature (and its params schema, the
-# per-call options) with one inferred from them. Its reminder to add hints is silenced here.
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
+# No type hints on predict: MLflow would replace our signature (and its params schema, the per-call
+# options) with one inferred from them. (Its import-time reminder to add them cannot be silenced.)
+class CascadeModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: prompts in, uint8 images (N, H, W, 3) out."""
 
-    class CascadeModel(mlflow.pyfunc.PythonModel):
-        """pyfunc wrapper: prompts in, uint8 images (N, H, W, 3) out."""
+    def load_context(self, context) -> None:
+        from imager.cascade import Cascade
+        from imager.config import Embed
+        from imager.text.base import load_text_encoder
 
-        def load_context(self, context) -> None:
-            from imager.cascade import Cascade
-            from imager.config import Embed
-            from imager.text.base import load_text_encoder
+        cfg = json.loads(Path(context.artifacts["config"]).read_text(encoding="utf-8"))
+        self.cascade = Cascade.load(context.artifacts["base"], context.artifacts["sr"])
+        self.encoder = load_text_encoder(Embed.model_validate(cfg["embed"]))
+        self.cascade.check_encoder(self.encoder)
+        self.defaults = cfg["sampling"]
 
-            cfg = json.loads(Path(context.artifacts["config"]).read_text(encoding="utf-8"))
-            self.cascade = Cascade.load(context.artifacts["base"], context.artifacts["sr"])
-            self.encoder = load_text_encoder(Embed.model_validate(cfg["embed"]))
-            self.cascade.check_encoder(self.encoder)
-            self.defaults = cfg["sampling"]
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
+        from imager.cascade import encode_prompts
+        from imager.training.tasks import to_uint8
 
-        def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
-            from imager.cascade import encode_prompts
-            from imager.training.tasks import to_uint8
-
-            s = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
-            cond, _ = encode_prompts(self.encoder, prompts_of(model_input))
-            _, sr = self.cascade.generate(
-                cond, sampler=s["sampler"], base_steps=int(s["steps"]), base_guidance=float(s["guidance"]),
-                sr_steps=int(s["sr_steps"]), sr_guidance=float(s["sr_guidance"]), aug_level=float(s["aug_level"]),
-                seed=int(s["seed"]), batch_size=int(s["batch_size"]),
-            )
-            return to_uint8(sr).permute(0, 2, 3, 1).numpy()
+        s = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
+        cond, _ = encode_prompts(self.encoder, prompts_of(model_input))
+        _, sr = self.cascade.generate(
+            cond, sampler=s["sampler"], base_steps=int(s["steps"]), base_guidance=float(s["guidance"]),
+            sr_steps=int(s["sr_steps"]), sr_guidance=float(s["sr_guidance"]), aug_level=float(s["aug_level"]),
+            seed=int(s["seed"]), batch_size=int(s["batch_size"]),
+        )
+        return to_uint8(sr).permute(0, 2, 3, 1).numpy()
 
 
 def signature(defaults: dict[str, Any]):
