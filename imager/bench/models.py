@@ -1,12 +1,10 @@
 """The two networks of the comparisons, built to match, and what one training step of each is.
 
-diffusers' ``UNet2DConditionModel`` is built as the mirror of Imager's UNet config: the same
-channels per level (``block_out_channels = base_channels·channel_mults``), the same ResBlocks per
-level (``layers_per_block = num_res_blocks``; both add one going up), cross-attention blocks at the
-same levels (plus the middle block in both), the same attention head width and GroupNorm groups, a
-time embedding of 4·base in both. It conditions on the text tokens by cross-attention only (no
-pooled vector: that is Imager's addition). The two parameter counts are reported side by side, and
-:func:`diffusers_unet_kwargs` is checked to be within :data:`PARAM_TOLERANCE` of Imager's.
+diffusers' ``UNet2DConditionModel`` is built as the mirror of Imager's UNet config by
+:func:`imager.models.diffusers_unet.diffusers_unet_kwargs` (the same levels, channels, blocks,
+attention levels, head width and GroupNorm groups; text tokens by cross-attention only, no pooled
+vector: that is Imager's addition), the network ``arch: diffusers`` trains. The two parameter counts
+are reported side by side and checked to be within :data:`PARAM_TOLERANCE` of each other.
 
 A training step, the same for both: forward, MSE against a fixed random target, backward, AdamW
 step, gradients set to None. Inputs are random tensors of the real shapes, so data loading and
@@ -25,6 +23,7 @@ from torch import Tensor, nn
 
 from imager.bench import BenchError
 from imager.models.config import UNetConfig
+from imager.models.diffusers_unet import diffusers_unet_kwargs
 from imager.models.unet import UNet
 
 PARAM_TOLERANCE = 0.10  # |diffusers / Imager − 1| allowed for "matched parameter count"
@@ -41,8 +40,10 @@ def require_diffusers() -> Any:
 
 
 def resolve_config(model: UNetConfig, *, text_dim: int, pooled_dim: int, context_length: int) -> UNetConfig:
-    """``model`` with the text dimensions an embedding cache would give it (as training resolves them)."""
-    update = {"text_dim": text_dim, "pooled_dim": pooled_dim, "context_length": context_length, "super_resolution": False}
+    """``model`` with the text dimensions an embedding cache would give it (as training resolves them),
+    as Imager's own network (a config of ``arch: diffusers`` is compared in its Imager form)."""
+    update = {"text_dim": text_dim, "pooled_dim": pooled_dim, "context_length": context_length, "super_resolution": False,
+              "arch": "imager"}
     return UNetConfig.model_validate({**model.model_dump(), **update})
 
 
@@ -61,31 +62,6 @@ def imager_unet(config: UNetConfig, seed: int) -> UNet:
         tokens = torch.randn(config.context_length, config.text_dim, generator=gen) * mask[:, None]  # (L, D)
         model.set_null_condition(tokens, mask, torch.randn(config.pooled_dim, generator=gen))
     return model
-
-
-def diffusers_unet_kwargs(config: UNetConfig, resolution: int) -> dict[str, Any]:
-    """UNet2DConditionModel arguments mirroring ``config`` (see the module docstring).
-
-    diffusers' ``attention_head_dim`` is, despite its name, the number of heads per block (its
-    ``num_attention_heads`` is refused), so it gets channels // head_dim per level.
-    """
-    channels = config.channels
-    levels = range(len(channels))
-    attn = set(config.attention_levels)
-    return {
-        "sample_size": resolution,
-        "in_channels": config.in_channels,
-        "out_channels": config.out_channels,
-        "block_out_channels": tuple(channels),
-        "layers_per_block": config.num_res_blocks,
-        "down_block_types": tuple("CrossAttnDownBlock2D" if i in attn else "DownBlock2D" for i in levels),
-        "up_block_types": tuple("CrossAttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(levels)),
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "cross_attention_dim": config.text_dim,
-        "attention_head_dim": tuple(max(1, c // config.head_dim) for c in channels),
-        "norm_num_groups": config.norm_groups,
-        "dropout": config.dropout,
-    }
 
 
 def diffusers_unet(config: UNetConfig, resolution: int, seed: int) -> nn.Module:

@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from imager.errors import CheckpointError
+from imager.io import atomic_write_bytes
 from imager.evaluation.config import Evaluator
 
 logger = logging.getLogger(__name__)
@@ -256,18 +255,7 @@ def save_evaluator(model: ImageEvaluator, path: str | Path) -> None:
     header = {"imager_model": MODEL_KIND, "config": model.cfg.model_dump(mode="json"), "text_dim": model.text_dim}
     metadata = {METADATA_KEY: json.dumps(header, sort_keys=True)}  # one entry: byte-identical files
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
 
 
 def load_evaluator(path: str | Path, map_location: str | torch.device = "cpu") -> ImageEvaluator:

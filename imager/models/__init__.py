@@ -1,4 +1,5 @@
-"""The diffusion networks: a text-conditional UNet (base and super-resolution) and its checkpoints.
+"""The diffusion networks: a text-conditional UNet (base and super-resolution), the diffusers
+baseline behind the same interface (``arch: diffusers``), and their checkpoints.
 
 ``UNetConfig`` is imported eagerly and needs no torch (params sections embed it); the torch-side
 names load on first use, so ``from imager.models import UNetConfig`` stays light.
@@ -12,17 +13,20 @@ from typing import TYPE_CHECKING, Any
 from imager.models.config import UNetConfig
 
 if TYPE_CHECKING:
+    from imager.models.base import Denoiser, build_denoiser
     from imager.models.checkpoint import load_model, read_checkpoint_meta, save_model
     from imager.models.unet import UNet
 
 _LAZY = {
+    "Denoiser": "imager.models.base",
+    "build_denoiser": "imager.models.base",
     "UNet": "imager.models.unet",
     "save_model": "imager.models.checkpoint",
     "load_model": "imager.models.checkpoint",
     "read_checkpoint_meta": "imager.models.checkpoint",
 }
 
-__all__ = ["UNet", "UNetConfig", "load_model", "read_checkpoint_meta", "save_model"]
+__all__ = ["Denoiser", "UNet", "UNetConfig", "build_denoiser", "load_model", "read_checkpoint_meta", "save_model"]
 
 
 def __getattr__(name: str) -> Any:

@@ -14,20 +14,19 @@ condition of classifier-free guidance.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import ValidationError
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from imager.errors import CheckpointError
+from imager.io import atomic_write_bytes
+from imager.models.base import Denoiser, build_denoiser
 from imager.models.config import UNetConfig
-from imager.models.unet import UNet
 
 MODEL_KIND = "unet"
 METADATA_KEY = "imager"
@@ -40,14 +39,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """Write ``model`` (a :class:`UNet`, possibly compiled or DDP-wrapped) to one .safetensors file.
+    """Write ``model`` (a :class:`Denoiser`, possibly compiled or DDP-wrapped) to one .safetensors file.
 
     Written to a temporary file in the same directory and renamed into place, so ``path`` is either
     the old file or the complete new one. ``extra`` must be JSON-serialisable.
     """
     model = _unwrap(model)
-    if not isinstance(model, UNet):
-        raise TypeError(f"save_model: expected a UNet, got {type(model).__name__}")
+    if not isinstance(model, Denoiser):
+        raise TypeError(f"save_model: expected a Denoiser (UNet), got {type(model).__name__}")
     try:
         extra_json = json.dumps(extra or {}, sort_keys=True)
     except TypeError as exc:
@@ -57,19 +56,7 @@ def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None 
     header = {"imager_model": MODEL_KIND, "config": model.config.model_dump(mode="json"), "extra": json.loads(extra_json)}
     metadata = {METADATA_KEY: json.dumps(header, sort_keys=True)}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
 
 
 def read_checkpoint_meta(path: str | Path) -> tuple[UNetConfig, dict[str, Any]]:
@@ -79,8 +66,8 @@ def read_checkpoint_meta(path: str | Path) -> tuple[UNetConfig, dict[str, Any]]:
     return _parse_metadata(path, metadata)
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> UNet:
-    """Rebuild the :class:`UNet` saved at ``path`` from the file alone, in eval mode, on ``map_location``.
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Denoiser:
+    """Rebuild the network (:class:`UNet`, or the ``arch: diffusers`` baseline) saved at ``path`` from the file alone, in eval mode, on ``map_location``.
 
     The config comes from the file's metadata and the weights are loaded strictly; floating-point
     parameters keep the dtype they were saved in. Raises :class:`CheckpointError` (one line naming
@@ -90,7 +77,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> UN
     path = Path(path)
     metadata, tensors = _open(path, read_tensors=True)
     config, _ = _parse_metadata(path, metadata)
-    model = UNet(config)
+    model = build_denoiser(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -7,6 +7,12 @@ summed into ``emb`` (B, E), which every ResBlock reads by scale-shift; the SR mo
 of the augmentation level. Per token: the text tokens (B, L, D), layer-normalised, are the keys and
 values of the cross-attention at ``config.attention_levels`` and in the middle block.
 
+With ``config.efficient`` the blocks are ordered as in Imagen's Efficient U-Net (Saharia et al.
+2022, appendix B.1): every level, the first included, downsamples *before* its blocks on the way
+down and upsamples *after* them on the way up, so each level's blocks run at half the side (a
+quarter of the FLOPs) of the standard order, for the same parameters; the stem's full-resolution
+features are added back before the output layers.
+
 The network knows nothing of the diffusion process or the sampler: it maps (x_t, t, condition) to
 a tensor shaped like x; what that tensor means (eps, v, x0) is the training objective's business.
 """
@@ -28,22 +34,20 @@ from imager.models.blocks import (
     timestep_embedding,
     zero_,
 )
+from imager.models.base import Denoiser
 from imager.models.config import UNetConfig
 
-NULL_INIT_STD = 0.02  # scale of the learned null tokens / pooled vector at initialisation
 
-
-class UNet(nn.Module):
+class UNet(Denoiser):
     """Text-conditional UNet; base model or, with ``config.super_resolution``, the SR model.
 
     Fully convolutional (attention runs over however many positions there are), so one SR model
-    serves random crops in training and full images at sampling time.
+    serves random crops in training and full images at sampling time. ``forward``: see :class:`Denoiser`.
     """
 
     def __init__(self, config: UNetConfig):
-        super().__init__()
-        self.config = cfg = config
-        self.gradient_checkpointing = False  # trade compute for memory in training (large models)
+        super().__init__(config)
+        cfg = config
         emb, base, groups = cfg.emb_dim, cfg.base_channels, cfg.norm_groups
 
         self.time_mlp = mlp(base, emb)
@@ -51,7 +55,6 @@ class UNet(nn.Module):
         self.pooled_mlp = mlp(cfg.pooled_dim, emb)
         self.context_norm = nn.LayerNorm(cfg.text_dim)
         self.aug_mlp = mlp(base, emb) if cfg.super_resolution else None
-        self._init_null_condition()
 
         def res(ch_in: int, ch_out: int) -> ResBlock:
             return ResBlock(ch_in, ch_out, emb, dropout=cfg.dropout, groups=groups)
@@ -61,10 +64,14 @@ class UNet(nn.Module):
 
         in_ch = cfg.in_channels * (2 if cfg.super_resolution else 1)  # SR: x and upsampled lowres
         self.conv_in = nn.Conv2d(in_ch, base, 3, padding=1)
-        last = len(cfg.channel_mults) - 1
-        ch, skips = base, [base]
+        last, efficient = len(cfg.channel_mults) - 1, cfg.efficient
+        # standard: [blocks, downsample] per level; efficient: [downsample, blocks] per level
+        ch, skips = base, [] if efficient else [base]
         self.down = nn.ModuleList()
         for level, out in enumerate(cfg.channels):
+            if efficient:
+                self.down.append(CondSequential([Downsample(ch)]))
+                skips.append(ch)
             for _ in range(cfg.num_res_blocks):
                 layers: list[nn.Module] = [res(ch, out)]
                 ch = out
@@ -72,7 +79,7 @@ class UNet(nn.Module):
                     layers.append(attn(ch))
                 self.down.append(CondSequential(layers))
                 skips.append(ch)
-            if level != last:
+            if level != last and not efficient:
                 self.down.append(CondSequential([Downsample(ch)]))
                 skips.append(ch)
         self.middle = CondSequential([res(ch, ch), attn(ch), res(ch, ch)])
@@ -83,66 +90,13 @@ class UNet(nn.Module):
                 ch = out
                 if level in cfg.attention_levels:
                     layers.append(attn(ch))
-                if level and i == cfg.num_res_blocks:
+                if i == cfg.num_res_blocks and (level or efficient):
                     layers.append(Upsample(ch))
                 self.up.append(CondSequential(layers))
+        # efficient: the stem's full-resolution features join the output at ch channels
+        self.stem_skip = (nn.Identity() if ch == base else nn.Conv2d(base, ch, 1)) if efficient else None
         self.norm_out = nn.GroupNorm(groups, ch)
         self.conv_out = zero_(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
-
-    # ------------------------------------------------------------------------------ null condition
-
-    def _init_null_condition(self) -> None:
-        cfg = self.config
-        length, dim, pooled = cfg.context_length, cfg.text_dim, cfg.pooled_dim
-        if cfg.null_embedding == "learned":
-            self.null_tokens = nn.Parameter(NULL_INIT_STD * torch.randn(length, dim))
-            self.null_pooled = nn.Parameter(NULL_INIT_STD * torch.randn(pooled))
-            self.register_buffer("null_mask", torch.ones(length, dtype=torch.bool))
-            self._null_ready = True
-        else:  # filled from the embed stage's cache by set_null_condition; saved in checkpoints
-            self.register_buffer("null_tokens", torch.zeros(length, dim))
-            self.register_buffer("null_pooled", torch.zeros(pooled))
-            self.register_buffer("null_mask", torch.zeros(length, dtype=torch.bool))
-            self.register_buffer("null_is_set", torch.tensor(False))
-            self._null_ready = False
-            self.register_load_state_dict_post_hook(_refresh_null_ready)
-
-    @torch.no_grad()
-    def set_null_condition(self, tokens: Tensor, mask: Tensor, pooled: Tensor) -> None:
-        """Store the empty caption's embedding as the unconditional input (``null_embedding="cached"``).
-
-        tokens: (L, D) float, mask: (L,) bool, pooled: (P,) float — the ``null_tokens``,
-        ``null_mask`` and ``null_pooled`` of the embedding cache.
-        """
-        cfg = self.config
-        if cfg.null_embedding != "cached":
-            raise ValueError("set_null_condition: null_embedding is 'learned', so the null condition is trained, not set")
-        expected = {"tokens": (cfg.context_length, cfg.text_dim), "mask": (cfg.context_length,), "pooled": (cfg.pooled_dim,)}
-        for name, value in (("tokens", tokens), ("mask", mask), ("pooled", pooled)):
-            if tuple(value.shape) != expected[name]:
-                raise ValueError(f"set_null_condition: {name} must have shape {expected[name]}, got {tuple(value.shape)}")
-        if mask.dtype != torch.bool:
-            raise ValueError(f"set_null_condition: mask must be bool (True = real token), got {mask.dtype}")
-        self.null_tokens.copy_(tokens)
-        self.null_mask.copy_(mask)
-        self.null_pooled.copy_(pooled)
-        self.null_is_set.fill_(True)
-        self._null_ready = True
-
-    def null_condition(self, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
-        """The unconditional input of classifier-free guidance, repeated over the batch:
-        tokens (B, L, D), mask (B, L) bool, pooled (B, P). Views of the stored tensors (learned: with grad)."""
-        if not self._null_ready:
-            raise RuntimeError(
-                "null condition not set: call model.set_null_condition(null_tokens, null_mask, null_pooled) "
-                "with the embedding cache's empty-caption rows, or load a checkpoint that has them"
-            )
-        cfg = self.config
-        return (
-            self.null_tokens.expand(batch_size, cfg.context_length, cfg.text_dim),
-            self.null_mask.expand(batch_size, cfg.context_length),
-            self.null_pooled.expand(batch_size, cfg.pooled_dim),
-        )
 
     # ------------------------------------------------------------------------------------ forward
 
@@ -158,23 +112,9 @@ class UNet(nn.Module):
         aug_level: Tensor | None = None,
         drop: Tensor | None = None,
     ) -> Tensor:
-        """Predict from a noisy image; returns (B, out_channels, H, W).
-
-        x: (B, C, H, W) noisy image (data in [-1, 1] under the VP process), H and W multiples of
-        ``config.resolution_multiple``. t: (B,) or a scalar, diffusion time in [0, 1] (1 = most noise).
-        tokens: (B, L, D) per-token text embeddings; mask: (B, L) bool, True = real token (padding is
-        ignored exactly); pooled: (B, P). SR only: lowres (B, C, h, w), resized to H×W here (a no-op
-        when already that size), and aug_level (B,) in [0, 1], the noise-augmentation level applied to it.
-        drop: (B,) bool, rows whose condition is replaced by :meth:`null_condition` (condition dropout).
-        """
         t = self._check_inputs(x, t, tokens, mask, pooled, lowres, aug_level, drop)
         cfg, dtype = self.config, self.conv_in.weight.dtype
-        tokens, pooled = tokens.to(dtype), pooled.to(dtype)
-        if drop is not None:
-            null_tokens, null_mask, null_pooled = self.null_condition(x.shape[0])
-            tokens = torch.where(drop[:, None, None], null_tokens.to(dtype), tokens)
-            mask = torch.where(drop[:, None], null_mask, mask)
-            pooled = torch.where(drop[:, None], null_pooled.to(dtype), pooled)
+        tokens, mask, pooled = self._condition(tokens, mask, pooled, drop, dtype)
 
         emb = self.time_mlp(timestep_embedding(t, cfg.base_channels).to(dtype))  # (B, E)
         emb = emb + self.pooled_mlp(self.pooled_norm(pooled))
@@ -184,14 +124,16 @@ class UNet(nn.Module):
             emb = emb + self.aug_mlp(timestep_embedding(aug_level, cfg.base_channels).to(dtype))
             h = torch.cat([x, self._resize_lowres(lowres.to(x.dtype), x.shape[-2:])], dim=1)  # (B, 2C, H, W)
 
-        h = self.conv_in(h)
-        skips = [h]
+        stem = h = self.conv_in(h)
+        skips = [] if cfg.efficient else [h]
         for block in self.down:
             h = self._run(block, h, emb, context, mask)
             skips.append(h)
         h = self._run(self.middle, h, emb, context, mask)
         for block in self.up:
             h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context, mask)
+        if self.stem_skip is not None:
+            h = h + self.stem_skip(stem)
         return self.conv_out(F.silu(self.norm_out(h)))
 
     def _run(self, block: nn.Module, h: Tensor, emb: Tensor, context: Tensor, mask: Tensor) -> Tensor:
@@ -199,60 +141,3 @@ class UNet(nn.Module):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, h, emb, context, mask, use_reentrant=False)
         return block(h, emb, context, mask)
-
-    def _resize_lowres(self, lowres: Tensor, size: torch.Size) -> Tensor:
-        """(B, C, h, w) -> (B, C, H, W), interpolated without antialiasing (upsampling)."""
-        if lowres.shape[-2:] == size:
-            return lowres
-        return F.interpolate(lowres, size=tuple(size), mode=self.config.lowres_upsample, align_corners=False, antialias=False)
-
-    def _check_inputs(
-        self,
-        x: Tensor,
-        t: Tensor,
-        tokens: Tensor,
-        mask: Tensor,
-        pooled: Tensor,
-        lowres: Tensor | None,
-        aug_level: Tensor | None,
-        drop: Tensor | None,
-    ) -> Tensor:
-        """Raise ValueError naming the argument whose shape or dtype is wrong; return t as (B,)."""
-        cfg = self.config
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"x: expected (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        b, _, height, width = x.shape
-        m = cfg.resolution_multiple
-        if height % m or width % m:
-            raise ValueError(
-                f"x: H and W must be multiples of {m} ({len(cfg.channel_mults)} levels in channel_mults), got {height}×{width}"
-            )
-        if t.ndim == 0:
-            t = t.expand(b)
-        _expect("t", t, (b,))
-        _expect("tokens", tokens, (b, cfg.context_length, cfg.text_dim), "(B, L, D) with L = context_length, D = text_dim")
-        _expect("mask", mask, (b, cfg.context_length), "(B, L)", torch.bool)
-        _expect("pooled", pooled, (b, cfg.pooled_dim), "(B, P) with P = pooled_dim")
-        if drop is not None:
-            _expect("drop", drop, (b,), "(B,)", torch.bool)
-        if cfg.super_resolution:
-            if lowres is None or aug_level is None:
-                raise ValueError("super-resolution model: lowres (B, C, h, w) and aug_level (B,) are required")
-            if lowres.ndim != 4 or lowres.shape[:2] != (b, cfg.in_channels):
-                raise ValueError(f"lowres: expected ({b}, {cfg.in_channels}, h, w), got {tuple(lowres.shape)}")
-            _expect("aug_level", aug_level, (b,))
-        elif lowres is not None or aug_level is not None:
-            raise ValueError("lowres/aug_level given to a base model (config.super_resolution is false)")
-        return t
-
-
-def _expect(name: str, value: Tensor, shape: tuple[int, ...], meaning: str = "(B,)", dtype: torch.dtype | None = None) -> None:
-    if tuple(value.shape) != shape:
-        raise ValueError(f"{name}: expected {meaning} = {shape}, got {tuple(value.shape)}")
-    if dtype is not None and value.dtype != dtype:
-        raise ValueError(f"{name}: expected dtype {dtype}, got {value.dtype}")
-
-
-def _refresh_null_ready(module: UNet, incompatible_keys) -> None:
-    """After load_state_dict: a cached null condition is ready when the loaded flag says so."""
-    module._null_ready = bool(module.null_is_set)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from imager.diffusion.process import diffusion_loss, q_sample
 from imager.diffusion.schedule import NoiseSchedule
 from imager.models.checkpoint import save_model
-from imager.models.unet import UNet
+from imager.models.base import Denoiser, build_denoiser
 from imager.text.cache import EmbeddingCache
 from imager.training.config import TrainCommon
 from imager.training.distributed import Dist, barrier, mean_across
@@ -61,8 +61,8 @@ def fingerprint(cfg: TrainCommon, seed: int, world_size: int, shards_dir: Path, 
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def build_model(cfg: TrainCommon, cache: EmbeddingCache, super_resolution: bool) -> UNet:
-    """The UNet of ``cfg.model`` with its text dimensions resolved from the embedding cache."""
+def build_model(cfg: TrainCommon, cache: EmbeddingCache, super_resolution: bool) -> Denoiser:
+    """The network of ``cfg.model`` (``arch``) with its text dimensions resolved from the embedding cache."""
     meta = cache.meta
     config = cfg.model.model_copy(
         update={
@@ -72,7 +72,7 @@ def build_model(cfg: TrainCommon, cache: EmbeddingCache, super_resolution: bool)
             "super_resolution": super_resolution,
         }
     )
-    model = UNet(type(cfg.model).model_validate(config.model_dump()))
+    model = build_denoiser(type(cfg.model).model_validate(config.model_dump()))
     if model.config.null_embedding == "cached":
         model.set_null_condition(cache.null_tokens.float(), cache.null_mask, cache.null_pooled.float())
     return model

@@ -397,6 +397,33 @@ def test_mixed_precision_channels_last_checkpointing_and_compile_train_on_cpu(da
         im.verify()
 
 
+# ------------------------------------------------------- 5c. the diffusers baseline, Efficient U-Net
+
+
+@pytest.mark.parametrize(
+    "command, section, model",
+    [
+        ("train-base", "train_base", {"arch": "diffusers"}),
+        ("train-sr", "train_sr", {"arch": "diffusers"}),
+        ("train-base", "train_base", {"efficient": True}),
+    ],
+    ids=["diffusers-base", "diffusers-sr", "efficient-base"],
+)
+def test_other_architectures_train_through_the_same_loop_deterministically(data, tmp_path, command, section, model):
+    """``model.arch: diffusers`` (issue 6's baseline) and the Efficient U-Net order train through the
+    stage, twice to identical weights, and save models that load as what the config names."""
+    params = write_params(tmp_path / "params.yaml", **{section: {"steps": 4, "checkpoint_every": 2, "model": model}})
+    report = train(command, data, tmp_path, params, "a")
+    assert_report(report, 4)
+    train(command, data, tmp_path, params, "b")
+    assert_identical(weights(tmp_path / "a_out"), weights(tmp_path / "b_out"))
+    loaded = load_model(tmp_path / "a_out" / "model.safetensors")
+    expected = "DiffusersUNet" if model.get("arch") == "diffusers" else "UNet"
+    assert type(loaded).__name__ == expected and loaded.config.efficient == bool(model.get("efficient"))
+    with Image.open(tmp_path / "a_out" / "grid.png") as im:
+        im.verify()
+
+
 # ---------------------------------------------------------------------------- 6. bad params
 
 
@@ -408,6 +435,10 @@ def test_mixed_precision_channels_last_checkpointing_and_compile_train_on_cpu(da
             "error: params.yaml: train_sr.resolution: the SR output must be a multiple (> 1) of the base resolution lowres (8), got 12",
         ),
         ("train-base", {"train_base": {"model": {"colour": "red"}}}, "error: params.yaml: train_base.model.colour: unknown key"),
+        (
+            "train-base", {"train_base": {"model": {"arch": "diffusers", "efficient": True}}},
+            "error: params.yaml: train_base.model.efficient: Imagen's Efficient U-Net order is Imager's own (arch: imager), not diffusers'",
+        ),
         (
             "train-base", {"train_base": {"resolution": 32}},
             "error: params.yaml: train_base.resolution: must be <= the shard resolution (16), got 32",

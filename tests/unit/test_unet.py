@@ -246,6 +246,9 @@ def test_sr_model_requires_lowres_and_aug_level():
         ({"dropout": 1.0}, "cfg: dropout: must be < 1, got 1.0"),
         ({"null_embedding": "zeros"}, "cfg: null_embedding: must be one of 'cached' or 'learned', got 'zeros'"),
         ({"text_dims": 12}, "cfg: text_dims: unknown key"),
+        ({"arch": "diffusers", "efficient": True},
+         "cfg: efficient: Imagen's Efficient U-Net order is Imager's own (arch: imager), not diffusers'"),
+        ({"arch": "ddpm"}, "cfg: arch: must be one of 'imager' or 'diffusers', got 'ddpm'"),
     ],
 )
 def test_bad_config_names_the_field(change, message):
@@ -263,6 +266,52 @@ def test_config_defaults_round_trip_and_resolution_multiple():
         cfg.base_channels = 32  # frozen
 
 
+# ---------------------------------------------------------------------- Efficient U-Net order
+
+
+def block_input_sides(model: UNet, args: dict) -> list[int]:
+    """The spatial side of every ResBlock's input in one forward pass, in call order."""
+    from imager.models.blocks import ResBlock
+
+    sides: list[int] = []
+    hooks = [m.register_forward_pre_hook(lambda _, a: sides.append(a[0].shape[-1])) for m in model.modules() if isinstance(m, ResBlock)]
+    with torch.no_grad():
+        model(**args)
+    for h in hooks:
+        h.remove()
+    return sides
+
+
+@pytest.mark.parametrize("sr", [False, True])
+def test_efficient_order_runs_every_block_at_half_the_side_with_the_same_parameters(sr):
+    standard, efficient = tiny(super_resolution=sr), tiny(super_resolution=sr, efficient=True)
+    assert (standard.resolution_multiple, efficient.resolution_multiple) == (2, 4)
+    args = sr_inputs(2, (16, 16)) if sr else inputs(2, (16, 16))
+    a, b = randomized(UNet(standard)), randomized(UNet(efficient))
+    assert sorted(set(block_input_sides(a, args))) == [8, 16]
+    assert sorted(set(block_input_sides(b, args))) == [4, 8]  # level 0 at 8 px, level 1 (and middle) at 4 px
+    out = b(**args)
+    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert abs(count(b) / count(a) - 1) < 0.05  # the same blocks; one more down/up-sampling conv pair
+    with pytest.raises(ValueError, match=r"x: H and W must be multiples of 4"):
+        b(**(sr_inputs(2, (8, 10)) if sr else inputs(2, (8, 10))))
+
+
+def test_efficient_order_output_depends_on_the_full_resolution_input():
+    """The stem's full-resolution features reach the output: a one-pixel change of x changes the
+    prediction at that pixel, which a network working only at half the side would blur over."""
+    model = randomized(UNet(tiny(efficient=True)))
+    args = inputs()
+    with torch.no_grad():
+        ref = model(**args)
+        x = args["x"].clone()
+        x[:, :, 5, 6] += 1.0
+        out = model(**{**args, "x": x})
+    assert differs(out, ref)
+    assert (out - ref).abs()[:, :, 5, 6].mean() > (out - ref).abs()[:, :, 5, 7].mean()  # sharper than the 2×-up path
+
+
 def test_config_imports_without_torch():
     code = "import sys; from imager.models import UNetConfig; UNetConfig(); assert 'torch' not in sys.modules"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
@@ -272,9 +321,9 @@ def test_config_imports_without_torch():
 # ------------------------------------------------------------------------------------ checkpoints
 
 
-@pytest.mark.parametrize("sr", [False, True])
-def test_save_load_gives_identical_outputs(tmp_path, sr):
-    cfg = tiny(super_resolution=sr, null_embedding="cached")
+@pytest.mark.parametrize("sr, efficient", [(False, False), (True, False), (False, True)])
+def test_save_load_gives_identical_outputs(tmp_path, sr, efficient):
+    cfg = tiny(super_resolution=sr, null_embedding="cached", efficient=efficient)
     model = randomized(UNet(cfg))
     tokens, mask, pooled = condition(1, seed=3)
     model.set_null_condition(tokens[0], mask[0], pooled[0])
