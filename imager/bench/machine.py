@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import platform
+import time
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
@@ -64,14 +66,44 @@ def describe_machine(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
     }
-    if hasattr(os, "getloadavg"):
-        info["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
         info["cuda_matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32  # off: the peak and the models' matmuls are fp32
         info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32  # on by default: convolutions may use TF32
     return info
+
+
+@dataclass(frozen=True)
+class CpuClock:
+    """A reading of the CPU time spent so far: by the whole machine (busy, not idle) and by this process."""
+
+    wall: float  # monotonic seconds
+    machine_busy: float  # CPU-seconds of all processes, from /proc/stat
+    own: float  # CPU-seconds of this process and its waited-for children
+
+
+def read_cpu_clock() -> CpuClock | None:
+    """The current :class:`CpuClock`, or None where /proc/stat is not available (not Linux)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]
+    busy = (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    return CpuClock(time.monotonic(), busy, t.user + t.system + t.children_user + t.children_system)
+
+
+def other_cpu_share(start: CpuClock, end: CpuClock, cores: int) -> float:
+    """The share of the machine's CPU capacity that *other* processes used between two readings:
+    (machine busy time − this process's CPU time) / (wall time × cores), clipped to [0, 1]."""
+    wall = end.wall - start.wall
+    if wall <= 0 or cores <= 0:
+        return 0.0
+    other = (end.machine_busy - start.machine_busy) - (end.own - start.own)
+    return min(1.0, max(0.0, other / (wall * cores)))
 
 
 def matmul_peak(device: torch.device, size: int, repeats: int, warmup: int) -> dict[str, Any]:

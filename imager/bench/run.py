@@ -18,7 +18,7 @@ import torch
 
 from imager.bench.cache import bench_cache
 from imager.bench.data import bench_data, ensure_shards, first_samples
-from imager.bench.machine import describe_machine, matmul_peak
+from imager.bench.machine import describe_machine, matmul_peak, other_cpu_share, read_cpu_clock
 from imager.bench.models import require_diffusers, resolve_config
 from imager.bench.report import Comparison, Report
 from imager.bench.sampling import bench_fid, bench_sampling
@@ -31,7 +31,7 @@ from imager.models.config import UNetConfig
 
 log = logging.getLogger(__name__)
 COMPARISONS = ("training", "sampling", "cache", "data")
-BUSY_LOAD = 0.5  # 1-min load average per usable core above which the numbers get a warning
+BUSY_SHARE = 0.2  # share of the CPU used by other processes during the run above which the numbers get a warning
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,7 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
     """Every comparison in ``settings.only`` (plus the FID one with ``settings.fid``) on ``device``."""
     require_diffusers()
     s = settings
+    clock = read_cpu_clock()
     machine = describe_machine(device)
     encoder_box: list[Any] = []
 
@@ -152,22 +153,24 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
                 comparisons.append(bench_data(shards, tmp_path, batch_size=s.batch_size, batches=s.data_batches,
                                               shuffle_buffer=s.shuffle_buffer, repeats=s.repeats, warmup=s.warmup, seed=s.seed))
     notes.append("Timing: the two sides alternate round by round; each number is the median of its recorded rounds.")
-    notes += _load_notes(machine)
+    notes += _busy_notes(machine, clock)
     settings_json = {**dataclasses.asdict(s), "only": list(s.only), "device": str(device), "model": config.model_dump(mode="json"),
                      "schedule": schedule.model_dump(mode="json"), "prediction": prediction, "timing": "interleaved rounds, medians"}
     return Report(machine=machine, settings=settings_json, comparisons=comparisons, notes=notes)
 
 
-def _load_notes(machine: dict[str, Any]) -> list[str]:
-    start = machine.get("load_average_1min_at_start")
-    if start is None or not hasattr(os, "getloadavg"):
+def _busy_notes(machine: dict[str, Any], start) -> list[str]:
+    """Measure how much CPU other processes took during the run; a note when it was more than
+    :data:`BUSY_SHARE` (CPU only: on a GPU the host's other load matters little)."""
+    end = read_cpu_clock()
+    if start is None or end is None:
         return []
-    end = round(os.getloadavg()[0], 2)
-    machine["load_average_1min_at_end"] = end
-    cores = machine["cpu_cores_usable"] or 1
-    if max(start, end) / cores > BUSY_LOAD and machine["device"] == "cpu":
-        return [f"The machine was busy (1-min load average {start} at the start, {end} at the end, {cores} cores): "
-                "other processes shared the CPU, so absolute numbers are low and ratios noisy."]
+    cores = os.cpu_count() or 1  # /proc/stat counts every CPU of the machine
+    share = other_cpu_share(start, end, cores)
+    machine["other_processes_cpu_share"] = round(share, 3)
+    if share > BUSY_SHARE and machine["device"] == "cpu":
+        return [f"Other processes used {100 * share:.0f} % of the machine's CPU time ({cores} cores) during the run, "
+                "so absolute numbers are low and ratios noisy."]
     return []
 
 

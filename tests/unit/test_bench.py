@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 
 import pytest
 import torch
@@ -135,6 +136,33 @@ def test_met_follows_target_and_ratio(key, ours, theirs, met):
     assert c.row()[-1] == {True: MET, False: NOT_MET, None: NO_TARGET}[met]
 
 
+def test_other_cpu_share_is_the_busy_time_this_process_did_not_spend():
+    from imager.bench.machine import CpuClock, other_cpu_share
+
+    start = CpuClock(wall=100.0, machine_busy=50.0, own=10.0)
+    # 10 s on 2 cores = 20 CPU-s of capacity; the machine was busy 12 CPU-s, 8 of them ours
+    assert other_cpu_share(start, CpuClock(110.0, 62.0, 18.0), cores=2) == pytest.approx(4 / 20)
+    assert other_cpu_share(start, CpuClock(110.0, 58.0, 18.0), cores=2) == 0.0  # only us (clock granularity)
+    assert other_cpu_share(start, CpuClock(110.0, 90.0, 10.0), cores=2) == 1.0  # clipped
+    assert other_cpu_share(start, start, cores=2) == 0.0
+
+
+def test_cpu_clock_sees_this_process_spin():
+    """Spinning until this process has used 0.3 CPU-s: the machine's busy time grows at least as much
+    (less one clock tick of /proc/stat per field)."""
+    from imager.bench.machine import read_cpu_clock
+
+    start = read_cpu_clock()
+    if start is None:
+        pytest.skip("no /proc/stat")
+    deadline = time.monotonic() + 10
+    while read_cpu_clock().own < start.own + 0.3 and time.monotonic() < deadline:
+        pass
+    end = read_cpu_clock()
+    assert end.own - start.own >= 0.29
+    assert end.machine_busy - start.machine_busy >= 0.25
+
+
 # ------------------------------------------------------------------------------------ end to end
 
 
@@ -180,6 +208,8 @@ def test_quick_bench_through_the_cli(tmp_path):
     assert utilisation["theirs"]["value"] == pytest.approx(machine["fp32_matmul_peak"]["gflops"])
     assert len(training["step_seconds"]["imager"]["all"]) == report["settings"]["repeats"]  # warm-up not recorded
     assert report["settings"]["quick"] is True
+    if "other_processes_cpu_share" in machine:  # Linux
+        assert 0.0 <= machine["other_processes_cpu_share"] <= 1.0
 
 
 def test_unknown_comparison_is_a_one_line_error(tmp_path):
