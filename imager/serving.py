@@ -104,16 +104,28 @@ def signature(defaults: dict[str, Any]):
     )
 
 
+def _pinned(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{package}=={version(package)}"
+    except PackageNotFoundError:
+        return package
+
+
 def log_cascade(base: Path, sr: Path, *, embed: dict[str, Any], sampling: dict[str, Any], workdir: Path, name: str = "cascade"):
     """Log the cascade as a pyfunc model in the active MLflow run; returns its model info."""
     from importlib.metadata import PackageNotFoundError, requires
 
     import imager
+    from imager.models import read_checkpoint_meta
 
     try:  # the installed package's own requirements, without extras
         reqs = [r.split(";")[0].strip() for r in requires("imager") or [] if "extra ==" not in r]
     except PackageNotFoundError:
         reqs = []
+    if any(read_checkpoint_meta(path)[0].arch == "diffusers" for path in (base, sr)):  # the baseline network
+        reqs.append(_pinned("diffusers"))
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / CONFIG
     config.write_text(json.dumps({"embed": embed, "sampling": sampling}, indent=2, sort_keys=True), encoding="utf-8")
