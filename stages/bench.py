@@ -26,9 +26,11 @@ def bench(
     batch: Annotated[int | None, typer.Option(min=1, help="Training/cache/data batch. Default: train_base.batch_size.")] = None,
     sampling_batch: Annotated[int | None, typer.Option(min=1, help="Sampling batch. Default 32.")] = None,
     steps: Annotated[int | None, typer.Option(min=1, max=1000, help="Sampling steps. Default 20.")] = None,
-    only: Annotated[list[str] | None, typer.Option(help="Run only these comparisons (repeatable): training, sampling, cache, data.")] = None,
+    only: Annotated[list[str] | None, typer.Option(help="Run only these comparisons (repeatable): training, sampling, cache, data, quality.")] = None,
     fid: Annotated[bool, typer.Option("--fid", help="Also DPM-Solver++ 20 vs DDPM 1000 steps in FID (needs trained base model + evaluator; slow).")] = False,
     fid_prompts: Annotated[int | None, typer.Option(min=2, help="Held-out prompts for --fid. Default: evaluate.sweep.prompts.")] = None,
+    quality: Annotated[str | None, typer.Option(help="DVC experiment trained with train_base.model.arch=diffusers: adds quality at equal compute.")] = None,
+    quality_ours: Annotated[str, typer.Option(help="The DVC experiment (or workspace) --quality is compared with.")] = "workspace",
     device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda[:i].")] = "auto",
     threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads. Default: train_base.threads, else torch's.")] = None,
     shards: Annotated[Path, typer.Option(help="Shard directory; a small synthetic set is made when it has no index.json.")] = Path("data/shards"),
@@ -44,11 +46,14 @@ def bench(
     from imager.bench.run import COMPARISONS, QUICK_MODEL, BenchPaths, BenchSettings, run_bench
     from imager.io import atomic_write_json, atomic_write_text
 
-    require_diffusers()  # the one-line install hint before anything slow
     chosen = tuple(only) if only else COMPARISONS
     unknown = [c for c in chosen if c not in COMPARISONS]
     if unknown:
         raise ConfigError(f"--only: unknown comparison '{unknown[0]}'; valid: {', '.join(COMPARISONS)}")
+    if chosen == ("quality",) and quality is None:
+        raise ConfigError("--only quality needs --quality EXPERIMENT (a `dvc exp run -S train_base.model.arch=diffusers` run)")
+    if set(chosen) - {"quality"}:
+        require_diffusers()  # the one-line install hint before anything slow
     p = load_params(params)
     tb = p.train_base
     if threads or tb.threads:
@@ -56,8 +61,8 @@ def bench(
     base = {"resolution": tb.resolution, "batch_size": tb.batch_size, "guidance": p.evaluate.base.guidance,
             "shuffle_buffer": tb.shuffle_buffer, "synthetic_resolution": p.shard.resolution, "fid_prompts": p.evaluate.sweep.prompts}
     given = {"repeats": repeats, "warmup": warmup, "batch_size": batch, "sampling_batch": sampling_batch, "sampling_steps": steps,
-             "fid_prompts": fid_prompts}
-    overrides = {"fid": fid, "only": chosen, **{k: v for k, v in given.items() if v is not None}}
+             "fid_prompts": fid_prompts, "quality": quality}
+    overrides = {"fid": fid, "only": chosen, "quality_ours": quality_ours, **{k: v for k, v in given.items() if v is not None}}
     settings = BenchSettings.quick_run(**overrides) if quick else BenchSettings(**{**base, **overrides})
     if fid:
         for path, what in ((base_model, "--base-model"), (evaluator, "--evaluator"), (embeddings / "meta.json", "--embeddings")):

@@ -20,6 +20,12 @@ TARGETS: dict[str, tuple[Literal[">=", "<="], float] | None] = {
     "sampling_fid": ("<=", 1.05),  # DPM-Solver++ 20 steps within 5 % of 1000-step DDPM FID
     "embedding_cache": (">=", 10.0),  # cache ≥ 10× on-the-fly steps/s
     "data_loading": None,  # reported, no target
+    # quality at equal compute, Imager's default vs arch: diffusers: ≥ 20 % lower evaluator FID, ≥ 20 % higher R-precision
+    "quality_fid_base": ("<=", 0.8),
+    "quality_r_precision_base": (">=", 1.2),
+    "quality_fid": ("<=", 0.8),  # the cascade
+    "quality_r_precision": (">=", 1.2),
+    "quality_compute": None,  # training wall time of the two: shows the compute was equal
 }
 MET, NOT_MET, NO_TARGET = "✅ met", "❌ not met", "—"
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from imager.bench import BenchError
 from imager.bench.cache import bench_cache
 from imager.bench.data import bench_data, ensure_shards, first_samples
 from imager.bench.machine import describe_machine, matmul_peak, other_cpu_share, read_cpu_clock
@@ -30,7 +31,7 @@ from imager.evaluation.config import Evaluate
 from imager.models.config import UNetConfig
 
 log = logging.getLogger(__name__)
-COMPARISONS = ("training", "sampling", "cache", "data")
+COMPARISONS = ("training", "sampling", "cache", "data", "quality")  # quality: with --quality EXPERIMENT
 BUSY_SHARE = 0.2  # share of the CPU used by other processes during the run above which the numbers get a warning
 
 
@@ -54,6 +55,8 @@ class BenchSettings:
     fid_prompts: int = 64
     fid_steps: int = 20
     fid_reference_steps: int = 1000
+    quality: str | None = None  # DVC experiment trained with arch: diffusers (quality at equal compute)
+    quality_ours: str = "workspace"  # the experiment it is compared with
     seed: int = 0
     only: tuple[str, ...] = COMPARISONS
     quick: bool = False
@@ -92,8 +95,11 @@ def _text_dims(embeddings: Path, encoder_loader) -> dict[str, int]:
 def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embed: Embed, evaluate: Evaluate, *,
               settings: BenchSettings, paths: BenchPaths, device: torch.device) -> Report:
     """Every comparison in ``settings.only`` (plus the FID one with ``settings.fid``) on ``device``."""
-    require_diffusers()
     s = settings
+    if s.quality is None and s.only == ("quality",):
+        raise BenchError("--only quality needs --quality EXPERIMENT (a `dvc exp run -S train_base.model.arch=diffusers` run)")
+    if set(s.only) - {"quality"}:
+        require_diffusers()
     clock = read_cpu_clock()
     machine = describe_machine(device)
     encoder_box: list[Any] = []
@@ -105,7 +111,8 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
             encoder_box.append(load_text_encoder(embed))
         return encoder_box[0]
 
-    config = resolve_config(model, **_text_dims(paths.embeddings, encoder))
+    measured = set(s.only) - {"quality"}  # quality only reads DVC experiments
+    config = resolve_config(model, **_text_dims(paths.embeddings, encoder)) if measured or s.fid else model
     comparisons: list[Comparison] = []
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="imager-bench-") as tmp:
@@ -152,6 +159,16 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
             if "data" in s.only:
                 comparisons.append(bench_data(shards, tmp_path, batch_size=s.batch_size, batches=s.data_batches,
                                               shuffle_buffer=s.shuffle_buffer, repeats=s.repeats, warmup=s.warmup, seed=s.seed))
+    if s.quality is not None and "quality" in s.only:
+        from imager.bench.quality import dvc_experiments, quality_at_equal_compute
+
+        rows = quality_at_equal_compute(dvc_experiments(), s.quality, s.quality_ours)
+        comparisons += rows
+        steps = rows[-1].details["steps"]
+        notes.append(f"Quality at equal compute: DVC experiments '{s.quality_ours}' ({rows[0].ours_label}, {steps[0]} steps) and "
+                     f"'{s.quality}' ({rows[0].theirs_label}, {steps[1]} steps), the same pipeline otherwise; evaluator metrics "
+                     f"of reports/evaluate.json on {rows[0].details['samples']} held-out prompts, R-precision at "
+                     f"k = {rows[0].details['r_precision_k']}; lower FID is better.")
     notes.append("Timing: the two sides alternate round by round; each number is the median of its recorded rounds.")
     notes += _busy_notes(machine, clock)
     settings_json = {**dataclasses.asdict(s), "only": list(s.only), "device": str(device), "model": config.model_dump(mode="json"),

@@ -216,7 +216,7 @@ def test_unknown_comparison_is_a_one_line_error(tmp_path):
     pytest.importorskip("diffusers")
     result = runner.invoke(app, ["bench", "--quick", "--only", "speed", "--json", str(tmp_path / "b.json")])
     assert result.exit_code == 1
-    assert "--only: unknown comparison 'speed'; valid: training, sampling, cache, data" in result.output
+    assert "--only: unknown comparison 'speed'; valid: training, sampling, cache, data, quality" in result.output
     assert not (tmp_path / "b.json").exists()
 
 
@@ -227,3 +227,67 @@ def test_report_markdown_has_every_row():
     for c in rows:
         assert f"| Row {c.key} | 2 u (ours) | 1 u (theirs) | " in text
     assert "- a note" in text
+
+
+# -------------------------------------------------------------------------- quality at equal compute
+
+
+def _exp(name: str, rev: str, arch: str, fid: float, r_prec: float, wall: float, fid_base: float, r_base: float) -> dict:
+    evaluate = {"fid_evaluator": fid, "r_precision_evaluator": r_prec, "fid_evaluator_base": fid_base,
+                "r_precision_evaluator_base": r_base, "samples": 128, "r_precision_k": 32}
+    return {"rev": rev, "name": name, "data": {
+        "params": {"params.yaml": {"data": {"train_base": {"model": {"arch": arch}}}}},
+        "metrics": {"reports/evaluate.json": {"data": evaluate},
+                    "reports/train_base.json": {"data": {"wall_seconds": wall, "steps": 700}}}}}
+
+
+SHOW = [  # the shape of `dvc exp show --json -A`: commits, each with its experiments
+    {**_exp(None, "workspace", "imager", 3.0, 0.30, 600.0, 2.0, 0.40), "experiments": None},
+    {**_exp("main", "a" * 40, "imager", 3.1, 0.29, 610.0, 2.1, 0.39),
+     "experiments": [{"revs": [_exp("diffusers-arch", "b" * 40, "diffusers", 4.0, 0.20, 590.0, 3.0, 0.25)]}]},
+]
+
+
+def test_quality_rows_compare_two_dvc_experiments():
+    from imager.bench.quality import experiments, quality_at_equal_compute
+
+    runs = experiments(SHOW)
+    assert {"workspace", "main", "diffusers-arch", "bbbbbbb"} <= set(runs)
+    rows = {c.key: c for c in quality_at_equal_compute(runs, "diffusers-arch")}
+    assert rows["quality_fid"].ratio == pytest.approx(3.0 / 4.0) and rows["quality_fid"].met  # 25 % lower ≤ 0.8
+    assert rows["quality_r_precision"].ratio == pytest.approx(1.5) and rows["quality_r_precision"].met
+    assert rows["quality_fid_base"].ratio == pytest.approx(2.0 / 3.0) and rows["quality_fid_base"].met
+    assert rows["quality_r_precision_base"].ratio == pytest.approx(1.6)
+    assert rows["quality_compute"].ratio == pytest.approx(600 / 590) and rows["quality_compute"].met is None
+    assert "diffusers" in rows["quality_fid"].theirs_label and "imager" in rows["quality_fid"].ours_label
+    close = {c.key: c for c in quality_at_equal_compute(runs, "diffusers-arch", ours="main")}
+    assert close["quality_fid"].ratio == pytest.approx(3.1 / 4.0)
+    worse = experiments([_exp(None, "workspace", "imager", 3.9, 0.22, 600.0, 2.9, 0.26), SHOW[1]])
+    w = {c.key: c for c in quality_at_equal_compute(worse, "diffusers-arch")}
+    assert w["quality_fid"].met is False and w["quality_r_precision"].met is False  # 2.5 % and 10 %: not 20 %
+
+
+def test_quality_errors_name_the_experiment():
+    from imager.bench.quality import experiments, quality_at_equal_compute
+
+    runs = experiments(SHOW)
+    with pytest.raises(BenchError, match=r"no DVC experiment named 'nope' \(known: diffusers-arch, main, workspace"):
+        quality_at_equal_compute(runs, "nope")
+    partial = experiments([{"rev": "workspace", "name": None, "data": {"metrics": {}, "params": {}}}, SHOW[1]])
+    with pytest.raises(BenchError, match=r"experiment 'workspace' has no reports/evaluate.json"):
+        quality_at_equal_compute(partial, "diffusers-arch")
+
+
+def test_quality_through_the_cli_without_diffusers_work(tmp_path, monkeypatch):
+    import imager.bench.quality as quality
+
+    monkeypatch.setattr(quality, "dvc_experiments", lambda repo=None: quality.experiments(SHOW))
+    out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
+    args = ["bench", "--only", "quality", "--json", str(out_json), "--markdown", str(out_md), "--params", str(REPO / "params.yaml")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "--only quality needs --quality EXPERIMENT" in result.output
+    result = runner.invoke(app, [*args, "--quality", "diffusers-arch", "--embeddings", str(tmp_path / "none")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out_json.read_text())
+    assert set(report["comparisons"]) == {"quality_fid_base", "quality_r_precision_base", "quality_fid", "quality_r_precision", "quality_compute"}
+    assert "| Cascade FID (evaluator), equal compute | 3 FID (workspace: imager) | 4 FID (diffusers-arch: diffusers) | 0.75× | ≤ 0.80× | ✅ met |" in out_md.read_text()
