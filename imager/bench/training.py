@@ -106,15 +106,16 @@ def bench_training(config: UNetConfig, *, batch_size: int, resolution: int, repe
         "peak_memory_mib": {n: memory[n].mib for n in names},
         "memory_method": memory["imager"].method,
     }
+    ours = f"{OURS}{' (Efficient U-Net order)' if config.efficient else ''}"
     params = f"{sizes['imager_params'] / 1e6:.2f} M params"
     theirs_params = f"{sizes['diffusers_params'] / 1e6:.2f} M params"
     comparisons = [
-        Comparison("training_speed", "Training step", "images/s", f"{OURS}, {params}", ips["imager"],
+        Comparison("training_speed", "Training step", "images/s", f"{ours}, {params}", ips["imager"],
                    f"{THEIRS}, {theirs_params}", ips["diffusers"]),
         Comparison("training_utilisation", "Training utilisation of fp32 matmul peak", "GFLOP/s",
-                   f"{OURS}, {flops['imager'] / 1e9:.2f} GFLOP/step", gflops["imager"], "torch.mm peak", peak_gflops, percent=True,
+                   f"{ours}, {flops['imager'] / 1e9:.2f} GFLOP/step", gflops["imager"], "torch.mm peak", peak_gflops, percent=True,
                    details={"diffusers_utilisation": gflops["diffusers"] / peak_gflops, "diffusers_gflops": gflops["diffusers"]}),
-        Comparison("training_memory", "Peak training memory", "MiB", OURS, memory["imager"].mib, THEIRS, memory["diffusers"].mib,
+        Comparison("training_memory", "Peak training memory", "MiB", ours, memory["imager"].mib, THEIRS, memory["diffusers"].mib,
                    details={"method": memory["imager"].method, "region": REGION}),
     ]
     return comparisons, details
