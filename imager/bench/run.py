@@ -164,7 +164,7 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
 
         rows = quality_at_equal_compute(dvc_experiments(), s.quality, s.quality_ours)
         comparisons += rows
-        steps = rows[-1].details["steps"]
+        steps = [f"{s:.0f}" if isinstance(s, (int, float)) else "?" for s in rows[-1].details["steps"]]
         notes.append(f"Quality at equal compute: DVC experiments '{s.quality_ours}' ({rows[0].ours_label}, {steps[0]} steps) and "
                      f"'{s.quality}' ({rows[0].theirs_label}, {steps[1]} steps), the same pipeline otherwise; evaluator metrics "
                      f"of reports/evaluate.json on {rows[0].details['samples']} held-out prompts, R-precision at "
