@@ -1,8 +1,9 @@
 """Comparison 1: a training step of Imager's UNet vs diffusers' UNet2DConditionModel of matched size.
 
 Three rows: images/s (interleaved, median step time), peak memory of building the model and its
-optimizer and running warm-up + one step (each model alone, one after the other), and utilisation:
-FLOPs of forward + backward (by shape) × steps/s over the machine's fp32 matmul peak.
+optimizer and running warm-up + one step (each model alone, one after the other), and utilisation
+(:func:`utilisation_row`): FLOPs of forward + backward (by shape) × steps/s over the machine's fp32
+matmul peak.
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ def _peak_memories(names, config: UNetConfig, resolution: int, batch, seed: int,
 
 
 def bench_training(config: UNetConfig, *, batch_size: int, resolution: int, repeats: int, warmup: int, seed: int,
-                   device: torch.device, peak_gflops: float, timesteps: int = 1000) -> tuple[list[Comparison], dict[str, Any]]:
-    """(the three comparisons, the shared details: sizes, FLOPs, step times)."""
+                   device: torch.device, timesteps: int = 1000) -> tuple[list[Comparison], dict[str, Any]]:
+    """(the speed and memory comparisons, the shared details: sizes, FLOPs, step times, achieved GFLOP/s);
+    :func:`utilisation_row` makes the third once the machine's peak is known."""
     sizes = matched_sizes(config, resolution)
     if not sizes["within_tolerance"]:
         log.warning("the diffusers model has %+.1f %% parameters vs Imager's (tolerance ±%.0f %%)",
@@ -102,20 +104,28 @@ def bench_training(config: UNetConfig, *, batch_size: int, resolution: int, repe
         "flops_per_step": flops,
         "flops_definition": "forward + backward, by FlopCounterMode (matmul, conv, attention; elementwise ops count 0)",
         "achieved_gflops": gflops,
-        "utilisation": {n: gflops[n] / peak_gflops for n in names},
+        "imager_label": None,  # set below
         "peak_memory_mib": {n: memory[n].mib for n in names},
         "memory_method": memory["imager"].method,
     }
     ours = f"{OURS}{' (Efficient U-Net order)' if config.efficient else ''}"
+    details["imager_label"] = ours
     params = f"{sizes['imager_params'] / 1e6:.2f} M params"
     theirs_params = f"{sizes['diffusers_params'] / 1e6:.2f} M params"
     comparisons = [
         Comparison("training_speed", "Training step", "images/s", f"{ours}, {params}", ips["imager"],
                    f"{THEIRS}, {theirs_params}", ips["diffusers"]),
-        Comparison("training_utilisation", "Training utilisation of fp32 matmul peak", "GFLOP/s",
-                   f"{ours}, {flops['imager'] / 1e9:.2f} GFLOP/step", gflops["imager"], "torch.mm peak", peak_gflops, percent=True,
-                   details={"diffusers_utilisation": gflops["diffusers"] / peak_gflops, "diffusers_gflops": gflops["diffusers"]}),
         Comparison("training_memory", "Peak training memory", "MiB", ours, memory["imager"].mib, THEIRS, memory["diffusers"].mib,
                    details={"method": memory["imager"].method, "region": REGION}),
     ]
     return comparisons, details
+
+
+def utilisation_row(details: dict[str, Any], peak_gflops: float) -> Comparison:
+    """Achieved GFLOP/s of Imager's training step (from :func:`bench_training`'s details) over the peak."""
+    gflops, flops = details["achieved_gflops"], details["flops_per_step"]
+    details["utilisation"] = {n: g / peak_gflops for n, g in gflops.items()}
+    return Comparison("training_utilisation", "Training utilisation of fp32 matmul peak", "GFLOP/s",
+                      f"{details['imager_label']}, {flops['imager'] / 1e9:.2f} GFLOP/step", gflops["imager"], "torch.mm peak",
+                      peak_gflops, percent=True,
+                      details={"diffusers_utilisation": gflops["diffusers"] / peak_gflops, "diffusers_gflops": gflops["diffusers"]})

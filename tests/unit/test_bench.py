@@ -206,6 +206,8 @@ def test_quick_bench_through_the_cli(tmp_path):
     utilisation = report["comparisons"]["training_utilisation"]
     assert utilisation["ours"]["value"] == pytest.approx(flops / seconds / 1e9)
     assert utilisation["theirs"]["value"] == pytest.approx(machine["fp32_matmul_peak"]["gflops"])
+    peak = machine["fp32_matmul_peak"]  # the fastest round, the higher of before and after the training rows
+    assert peak["gflops"] == max(peak["gflops_before_after"]) and peak["gflops"] >= peak["gflops_median"]
     assert len(training["step_seconds"]["imager"]["all"]) == report["settings"]["repeats"]  # warm-up not recorded
     assert report["settings"]["quick"] is True
     if "other_processes_cpu_share" in machine:  # Linux
