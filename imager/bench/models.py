@@ -7,7 +7,7 @@ vector: that is Imager's addition), the network ``arch: diffusers`` trains. The 
 are reported side by side and checked to be within :data:`PARAM_TOLERANCE` of each other.
 
 A training step, the same for both: forward, MSE against a fixed random target, backward, AdamW
-step, gradients set to None. Inputs are random tensors of the real shapes, so data loading and
+step (fused where torch supports it, as Imager's training loop builds it), gradients set to None. Inputs are random tensors of the real shapes, so data loading and
 the diffusion process's own arithmetic are not part of it.
 """
 
@@ -25,6 +25,7 @@ from imager.bench import BenchError
 from imager.models.config import UNetConfig
 from imager.models.diffusers_unet import diffusers_unet_kwargs
 from imager.models.unet import UNet
+from imager.training.optim import adamw
 
 PARAM_TOLERANCE = 0.10  # |diffusers / Imager − 1| allowed for "matched parameter count"
 LR = 1e-4
@@ -137,7 +138,7 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, forward: Callable[[Batch], Tensor]):
         self.model, self.forward = model.train(), forward
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+        self.optimizer = adamw(model.parameters(), lr=LR)
 
     def loss_backward(self, batch: Batch) -> None:
         """The part FLOPs are counted on: forward, loss, backward."""

@@ -22,9 +22,11 @@ class UNetConfig(Section):
     """An Imagen/ADM-family text-conditional UNet (base or super-resolution).
 
     Level ``i`` of the UNet runs at resolution ``H / 2**i`` (``H / 2**(i+1)`` with ``efficient``:
-    Imagen's Efficient U-Net order) with ``base_channels * channel_mults[i]`` channels; ``attention_levels`` lists the levels (0 = full resolution) whose blocks get
-    self-attention, cross-attention to the text tokens and a feed-forward. The middle block always has
-    them. Input H and W must be multiples of :attr:`resolution_multiple`.
+    Imagen's Efficient U-Net order; both divided by ``patch_size``) with
+    ``base_channels * channel_mults[i]`` channels; ``attention_levels`` lists the levels (0 = the
+    highest resolution) whose blocks get self-attention, cross-attention to the text tokens and a
+    feed-forward. The middle block always has them. Input H and W must be multiples of
+    :attr:`resolution_multiple`.
 
     ``arch: diffusers`` builds diffusers' ``UNet2DConditionModel`` with the same levels, channels,
     blocks, attention levels and head width instead (the baseline of issue 6's comparisons; it reads
@@ -34,6 +36,7 @@ class UNetConfig(Section):
 
     arch: Literal["imager", "diffusers"] = "imager"  # which network the config builds
     efficient: bool = False  # Imagen's Efficient U-Net order: downsample before each level's blocks
+    patch_size: int = Field(1, ge=1)  # the network runs on p×p patches: space-to-depth in, depth-to-space out
 
     in_channels: int = Field(3, gt=0)  # C of the image (the SR model also takes C lowres channels)
     out_channels: int = Field(3, gt=0)  # channels of the prediction (eps, v or x0; same C as x)
@@ -76,6 +79,8 @@ class UNetConfig(Section):
         levels = len(self.channel_mults)
         if self.arch == "diffusers" and self.efficient:
             raise ValueError("efficient: Imagen's Efficient U-Net order is Imager's own (arch: imager), not diffusers'")
+        if self.arch == "diffusers" and self.patch_size != 1:
+            raise ValueError("patch_size: patches are Imager's own network's (arch: imager); diffusers' takes 1")
         for level in self.attention_levels:
             if not 0 <= level < levels:
                 raise ValueError(
@@ -92,8 +97,8 @@ class UNetConfig(Section):
 
     @property
     def resolution_multiple(self) -> int:
-        """Input H and W must be multiples of this: one factor 2 per downsampling."""
-        return 2 ** (len(self.channel_mults) - (0 if self.efficient else 1))
+        """Input H and W must be multiples of this: the patch side times one factor 2 per downsampling."""
+        return self.patch_size * 2 ** (len(self.channel_mults) - (0 if self.efficient else 1))
 
     @property
     def channels(self) -> tuple[int, ...]:

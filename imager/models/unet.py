@@ -13,6 +13,11 @@ down and upsamples *after* them on the way up, so each level's blocks run at hal
 quarter of the FLOPs) of the standard order, for the same parameters; the stem's full-resolution
 features are added back before the output layers.
 
+With ``config.patch_size`` p > 1 the network runs on p×p patches (space-to-depth: pixel-unshuffle
+into C·p² channels at H/p, as in Simple Diffusion's patching, Hoogeboom et al. 2023) and its output
+is folded back (depth-to-space); no layer then runs at full resolution, where the CPU's convolutions
+and normalisations are least efficient (docs/training.md).
+
 The network knows nothing of the diffusion process or the sampler: it maps (x_t, t, condition) to
 a tensor shaped like x; what that tensor means (eps, v, x0) is the training objective's business.
 """
@@ -63,7 +68,8 @@ class UNet(Denoiser):
             return SpatialAttention(ch, cfg.text_dim, head_dim=cfg.head_dim)
 
         in_ch = cfg.in_channels * (2 if cfg.super_resolution else 1)  # SR: x and upsampled lowres
-        self.conv_in = nn.Conv2d(in_ch, base, 3, padding=1)
+        patch = cfg.patch_size * cfg.patch_size  # channels per input channel after space-to-depth
+        self.conv_in = nn.Conv2d(in_ch * patch, base, 3, padding=1)
         last, efficient = len(cfg.channel_mults) - 1, cfg.efficient
         # standard: [blocks, downsample] per level; efficient: [downsample, blocks] per level
         ch, skips = base, [] if efficient else [base]
@@ -96,7 +102,7 @@ class UNet(Denoiser):
         # efficient: the stem's full-resolution features join the output at ch channels
         self.stem_skip = (nn.Identity() if ch == base else nn.Conv2d(base, ch, 1)) if efficient else None
         self.norm_out = nn.GroupNorm(groups, ch)
-        self.conv_out = zero_(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.conv_out = zero_(nn.Conv2d(ch, cfg.out_channels * patch, 3, padding=1))
 
     # ------------------------------------------------------------------------------------ forward
 
@@ -124,6 +130,8 @@ class UNet(Denoiser):
             emb = emb + self.aug_mlp(timestep_embedding(aug_level, cfg.base_channels).to(dtype))
             h = torch.cat([x, self._resize_lowres(lowres.to(x.dtype), x.shape[-2:])], dim=1)  # (B, 2C, H, W)
 
+        if cfg.patch_size > 1:  # (B, C, H, W) -> (B, C·p², H/p, W/p)
+            h = F.pixel_unshuffle(h, cfg.patch_size)
         stem = h = self.conv_in(h)
         skips = [] if cfg.efficient else [h]
         for block in self.down:
@@ -134,7 +142,8 @@ class UNet(Denoiser):
             h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context, mask)
         if self.stem_skip is not None:
             h = h + self.stem_skip(stem)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(out, cfg.patch_size) if cfg.patch_size > 1 else out
 
     def _run(self, block: nn.Module, h: Tensor, emb: Tensor, context: Tensor, mask: Tensor) -> Tensor:
         """One block; with ``gradient_checkpointing`` its activations are recomputed in backward."""

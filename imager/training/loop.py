@@ -33,6 +33,7 @@ from imager.training.config import TrainCommon
 from imager.training.distributed import Dist, barrier, mean_across
 from imager.training.ema import EMA
 from imager.training.loader import ShardLoader
+from imager.training.optim import adamw
 from imager.training.state import latest_checkpoint, load_training_state, save_training_state
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = EMA(self.model, cfg.ema_decay)
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        self.optimizer = adamw(self.model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         self.fingerprint = fingerprint(cfg, seed, dist.world_size, shards_dir, cache_dir)
         self.step = 0
         self.resumed_from: int | None = None

@@ -397,7 +397,7 @@ def test_mixed_precision_channels_last_checkpointing_and_compile_train_on_cpu(da
         im.verify()
 
 
-# ------------------------------------------------------- 5c. the diffusers baseline, Efficient U-Net
+# ------------------------------------------- 5c. the diffusers baseline, Efficient U-Net, patches
 
 
 @pytest.mark.parametrize(
@@ -406,8 +406,9 @@ def test_mixed_precision_channels_last_checkpointing_and_compile_train_on_cpu(da
         ("train-base", "train_base", {"arch": "diffusers"}),
         ("train-sr", "train_sr", {"arch": "diffusers"}),
         ("train-base", "train_base", {"efficient": True}),
+        ("train-base", "train_base", {"patch_size": 2}),
     ],
-    ids=["diffusers-base", "diffusers-sr", "efficient-base"],
+    ids=["diffusers-base", "diffusers-sr", "efficient-base", "patched-base"],
 )
 def test_other_architectures_train_through_the_same_loop_deterministically(data, tmp_path, command, section, model):
     """``model.arch: diffusers`` (issue 6's baseline) and the Efficient U-Net order train through the
@@ -420,6 +421,7 @@ def test_other_architectures_train_through_the_same_loop_deterministically(data,
     loaded = load_model(tmp_path / "a_out" / "model.safetensors")
     expected = "DiffusersUNet" if model.get("arch") == "diffusers" else "UNet"
     assert type(loaded).__name__ == expected and loaded.config.efficient == bool(model.get("efficient"))
+    assert loaded.config.patch_size == model.get("patch_size", 1)
     with Image.open(tmp_path / "a_out" / "grid.png") as im:
         im.verify()
 

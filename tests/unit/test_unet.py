@@ -249,6 +249,9 @@ def test_sr_model_requires_lowres_and_aug_level():
         ({"arch": "diffusers", "efficient": True},
          "cfg: efficient: Imagen's Efficient U-Net order is Imager's own (arch: imager), not diffusers'"),
         ({"arch": "ddpm"}, "cfg: arch: must be one of 'imager' or 'diffusers', got 'ddpm'"),
+        ({"arch": "diffusers", "patch_size": 2},
+         "cfg: patch_size: patches are Imager's own network's (arch: imager); diffusers' takes 1"),
+        ({"patch_size": 0}, "cfg: patch_size: must be >= 1, got 0"),
     ],
 )
 def test_bad_config_names_the_field(change, message):
@@ -316,6 +319,33 @@ def test_efficient_order_adds_the_stem_features_at_full_resolution():
         torch.testing.assert_close(model(**args), ref, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("sr", [False, True])
+def test_patches_run_the_network_at_a_pth_of_the_side(sr):
+    """patch_size 2: every layer, stem and output conv included, runs at half the side; space-to-depth
+    in and depth-to-space out keep each output pixel tied to its own patch position."""
+    plain, patched = tiny(super_resolution=sr), tiny(super_resolution=sr, patch_size=2)
+    assert (plain.resolution_multiple, patched.resolution_multiple) == (2, 4)
+    args = sr_inputs(2, (16, 16)) if sr else inputs(2, (16, 16))
+    model = randomized(UNet(patched))
+    assert sorted(set(block_input_sides(model, args))) == [4, 8]
+    sides = []
+    hooks = [m.register_forward_pre_hook(lambda _, a: sides.append(a[0].shape[-1])) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        out = model(**args)
+    for h in hooks:
+        h.remove()
+    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all() and max(sides) == 8
+    assert model.conv_in.in_channels == 4 * (6 if sr else 3) and model.conv_out.out_channels == 4 * 3
+    # depth-to-space: output channel c·4 + 2i + j of conv_out is pixel (2y + i, 2x + j) of channel c
+    with torch.no_grad():
+        model.conv_out.weight[1:].zero_()
+        model.conv_out.bias[1:].zero_()
+        only = model(**args)
+    assert only[:, 0, 0::2, 0::2].abs().max() > 1e-4 and only[:, 0, 1::2].abs().max() == 0 and only[:, 1:].abs().max() == 0
+    with pytest.raises(ValueError, match=r"x: H and W must be multiples of 4"):
+        model(**(sr_inputs(2, (8, 10)) if sr else inputs(2, (8, 10))))
+
+
 class _Zero(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(x)
@@ -330,9 +360,9 @@ def test_config_imports_without_torch():
 # ------------------------------------------------------------------------------------ checkpoints
 
 
-@pytest.mark.parametrize("sr, efficient", [(False, False), (True, False), (False, True)])
-def test_save_load_gives_identical_outputs(tmp_path, sr, efficient):
-    cfg = tiny(super_resolution=sr, null_embedding="cached", efficient=efficient)
+@pytest.mark.parametrize("sr, efficient, patch", [(False, False, 1), (True, False, 1), (False, True, 1), (True, False, 2)])
+def test_save_load_gives_identical_outputs(tmp_path, sr, efficient, patch):
+    cfg = tiny(super_resolution=sr, null_embedding="cached", efficient=efficient, patch_size=patch)
     model = randomized(UNet(cfg))
     tokens, mask, pooled = condition(1, seed=3)
     model.set_null_condition(tokens[0], mask[0], pooled[0])
