@@ -74,10 +74,16 @@ def _metrics(runs: dict[str, dict[str, Any]], name: str) -> tuple[dict[str, floa
     return evaluate, train, run["params"]
 
 
-def _arch(params: dict[str, Any]) -> str:
-    model = (params.get("train_base") or {}).get("model") or {}
+def network_label(model: dict[str, Any]) -> str:
+    """A network config (a ``train_*.model`` mapping) in a few words: its arch and layout."""
+    layout = [f"{model['patch_size']}×{model['patch_size']} patches"] if model.get("patch_size", 1) > 1 else []
+    layout += ["Efficient U-Net order"] if model.get("efficient") else []
     arch = model.get("arch", "imager")
-    return f"{arch}{' (efficient)' if model.get('efficient') else ''}"
+    return f"{arch} ({', '.join(layout)})" if layout else arch
+
+
+def _arch(params: dict[str, Any]) -> str:
+    return network_label((params.get("train_base") or {}).get("model") or {})
 
 
 def quality_at_equal_compute(runs: dict[str, dict[str, Any]], baseline: str, ours: str = WORKSPACE) -> list[Comparison]:
@@ -108,4 +114,4 @@ def quality_at_equal_compute(runs: dict[str, dict[str, Any]], baseline: str, our
     return rows
 
 
-__all__ = ["dvc_experiments", "experiments", "quality_at_equal_compute"]
+__all__ = ["dvc_experiments", "experiments", "network_label", "quality_at_equal_compute"]

@@ -24,6 +24,7 @@ from imager.bench.models import (
     matched_sizes,
     random_batch,
 )
+from imager.bench.quality import network_label
 from imager.bench.report import Comparison
 from imager.models.config import UNetConfig
 
@@ -108,7 +109,8 @@ def bench_training(config: UNetConfig, *, batch_size: int, resolution: int, repe
         "peak_memory_mib": {n: memory[n].mib for n in names},
         "memory_method": memory["imager"].method,
     }
-    ours = f"{OURS}{' (Efficient U-Net order)' if config.efficient else ''}"
+    layout = network_label(config.model_dump()).removeprefix("imager")
+    ours = f"{OURS}{layout}"
     details["imager_label"] = ours
     params = f"{sizes['imager_params'] / 1e6:.2f} M params"
     theirs_params = f"{sizes['diffusers_params'] / 1e6:.2f} M params"

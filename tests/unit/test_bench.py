@@ -269,6 +269,22 @@ def test_quality_rows_compare_two_dvc_experiments():
     assert w["quality_fid"].met is False and w["quality_r_precision"].met is False  # 2.5 % and 10 %: not 20 %
 
 
+@pytest.mark.parametrize(
+    "model, label",
+    [
+        ({"arch": "imager", "patch_size": 2, "efficient": False}, "imager (2×2 patches)"),
+        ({"arch": "imager", "efficient": True}, "imager (Efficient U-Net order)"),
+        ({"patch_size": 4, "efficient": True}, "imager (4×4 patches, Efficient U-Net order)"),
+        ({"arch": "diffusers", "patch_size": 1}, "diffusers"),
+        ({}, "imager"),
+    ],
+)
+def test_network_label_names_the_arch_and_layout(model, label):
+    from imager.bench.quality import network_label
+
+    assert network_label(model) == label
+
+
 def test_quality_errors_name_the_experiment():
     from imager.bench.quality import experiments, quality_at_equal_compute
 
