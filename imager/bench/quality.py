@@ -1,8 +1,9 @@
 """Quality at equal compute: Imager's network against the ``arch: diffusers`` baseline, from DVC experiments.
 
-The two sides are runs of the whole pipeline that differ in ``train_base.model`` only, e.g.::
+The two sides are runs of the whole pipeline that differ in the base model only, e.g.::
 
-    dvc exp run -n diffusers-arch -S train_base.model.arch=diffusers
+    dvc exp run -n diffusers-arch -S train_base.model.arch=diffusers -S train_base.model.patch_size=1 \
+        -S train_base.steps=700                                # about the default's training time
     imager bench --only quality --quality diffusers-arch      # vs the workspace (the default)
 
 Their metrics come from ``dvc exp show --json`` (reports/evaluate.json and reports/train_base.json).
