@@ -7,8 +7,9 @@ vector: that is Imager's addition), the network ``arch: diffusers`` trains. The 
 are reported side by side and checked to be within :data:`PARAM_TOLERANCE` of each other.
 
 A training step, the same for both: forward, MSE against a fixed random target, backward, AdamW
-step (fused where torch supports it, as Imager's training loop builds it), gradients set to None. Inputs are random tensors of the real shapes, so data loading and
-the diffusion process's own arithmetic are not part of it.
+step (fused where torch supports it, as Imager's training loop builds it), gradients set to None.
+Inputs are random tensors of the real shapes, so data loading and the diffusion process's own
+arithmetic are not part of it.
 """
 
 from __future__ import annotations
