@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from imager.errors import ConfigError
 from imager.evaluation.config import Evaluate, Evaluator
-from imager.schema import Section
+from imager.schema import SamplerName, Section
 from imager.training.config import TrainBase, TrainSR
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "euler_ancestral", "heun")
-Sampler = Literal["ddpm", "ddim", "dpmpp_2m", "euler", "euler_ancestral", "heun"]
+SAMPLERS = get_args(SamplerName)
 
 
 # --------------------------------------------------------------------------------------- shared
@@ -166,7 +165,7 @@ class Embed(Section):
 
 class Params(Section):
     seed: int = Field(0, ge=0)
-    sampler: Sampler = "dpmpp_2m"  # read by the evaluation stage; `dvc exp run -S sampler=ddim`
+    sampler: SamplerName = "dpmpp_2m"  # read by the evaluation stage; `dvc exp run -S sampler=ddim`
     tracking: Tracking = Tracking()
     download: Download = Download()
     shard: Shard = Shard()

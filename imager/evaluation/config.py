@@ -7,9 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from imager.schema import Section
-
-SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "euler", "euler_ancestral", "heun"]
+from imager.schema import SamplerName, Section
 
 
 class Evaluator(Section):

@@ -31,8 +31,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from imager.errors import CheckpointError
-from imager.io import atomic_write_bytes
 from imager.evaluation.config import Evaluator
+from imager.io import atomic_write_bytes
+from imager.training.optim import adamw
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +203,7 @@ def _train(
     total = per_epoch * cfg.epochs
     decay = [p for p in model.parameters() if p.ndim >= 2]  # conv and linear weights; not norms, biases, τ
     rest = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
 
     model.train()

@@ -13,9 +13,8 @@ from pydantic import Field, model_validator
 
 from imager.diffusion.config import LossConfig, ScheduleConfig, Spacing
 from imager.models.config import UNetConfig
-from imager.schema import Section
+from imager.schema import SamplerName, Section
 
-SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "euler", "euler_ancestral", "heun"]
 
 class Optim(Section):
     """AdamW with linear warm-up then constant, cosine or linear decay to ``min_lr_ratio``·lr."""

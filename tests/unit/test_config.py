@@ -50,7 +50,7 @@ def test_the_shipped_params_file_is_valid_and_lists_every_key():
         ({"shard": {"resolutoin": 64}}, "params.yaml: shard.resolutoin: unknown key"),
         ({"shards": {}}, "params.yaml: shards: unknown key"),
         ({"download": {"urls": {"wokers": 2}}}, "params.yaml: download.urls.wokers: unknown key"),
-        ({"sampler": "dpm"}, "params.yaml: sampler: must be one of 'ddpm', 'ddim', 'dpmpp_2m', 'euler', 'euler_ancestral' or 'heun', got 'dpm'"),
+        ({"sampler": "dpm"}, "params.yaml: sampler: must be one of 'ddpm', 'ddim', 'dpmpp_2m', 'dpmpp_2m_sde', 'euler', 'euler_ancestral' or 'heun', got 'dpm'"),
         ({"download": {"source": "s3"}}, "params.yaml: download.source: must be one of 'openmoji', 'folder', 'urls' or 'hf', got 's3'"),
         ({"download": {"limit": 0}}, "params.yaml: download.limit: must be > 0, got 0"),
         ({"shard": {"val_fraction": 1.0}}, "params.yaml: shard.val_fraction: must be < 1, got 1.0"),

@@ -33,6 +33,7 @@ from imager.samplers import (
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
@@ -44,7 +45,7 @@ F64 = torch.float64
 LINEAR = NoiseSchedule.from_config(ScheduleConfig(name="linear"))  # σ_VE ∈ [0.0100, 157.4]
 COSINE = NoiseSchedule.from_config(ScheduleConfig(name="cosine"))
 DETERMINISTIC = {"ddim": sample_ddim, "euler": sample_euler, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m}
-ALL = {**DETERMINISTIC, "ddpm": sample_ddpm, "euler_ancestral": sample_euler_ancestral}
+ALL = {**DETERMINISTIC, "ddpm": sample_ddpm, "euler_ancestral": sample_euler_ancestral, "dpmpp_2m_sde": sample_dpmpp_2m_sde}
 
 D = 16  # Gaussian data dimension
 MU = torch.linspace(-0.8, 0.8, D, dtype=F64)  # (D,) per-dimension mean μ
@@ -203,6 +204,49 @@ def test_dpmpp_2m_first_step_is_ddim_and_second_is_not():
     two = sample_dpmpp_2m(nonlinear_denoiser, x, sigmas[:3])
     torch.testing.assert_close(two, expected, rtol=1e-12, atol=1e-12)
     assert float((two - sample_ddim(nonlinear_denoiser, x, sigmas[:3])).abs().max()) > 1e-5  # not DDIM
+
+
+def test_dpmpp_2m_sde_with_eta_0_is_dpmpp_2m():
+    # Reference: with η = 0 the SDE solver's update is DPM-Solver++(2M)'s (e^{−(1+η)h} = e^{−h}, no noise):
+    # (1 − e^{−h})·(x̂0 + (x̂0 − x̂0_prev)/(2r)) = −(e^{−h} − 1)·((1 + 1/(2r))·x̂0 − x̂0_prev/(2r)).
+    x = torch.randn(3, 2, 4, 4, generator=gen(40), dtype=F64) * 20
+    sigmas = COSINE.sampling_sigmas(12, "trailing")
+    ode = sample_dpmpp_2m(nonlinear_denoiser, x, sigmas)
+    sde = sample_dpmpp_2m_sde(nonlinear_denoiser, x, sigmas, eta=0.0, generator=gen(41))
+    torch.testing.assert_close(sde, ode, rtol=1e-12, atol=1e-12)
+
+
+def test_dpmpp_2m_sde_first_step_is_ddpm_and_second_adds_the_multistep_term():
+    # Reference: at first order with η = 1, x_s = e^{−2h}·x + (1 − e^{−2h})·x̂0 + σ_s·√(1 − e^{−2h})·z,
+    # e^{−2h} = σ_s²/σ_t²: the DDPM posterior (Ho et al. Eq. 7 in VE coordinates, sample_ddpm), same z.
+    x = torch.randn(2, 3, 4, 4, generator=gen(42), dtype=F64) * 10
+    sigmas = LINEAR.sampling_sigmas(10, "karras")
+    one = sample_dpmpp_2m_sde(nonlinear_denoiser, x, sigmas[:2], generator=gen(43))
+    torch.testing.assert_close(one, sample_ddpm(nonlinear_denoiser, x, sigmas[:2], generator=gen(43)), rtol=1e-12, atol=1e-12)
+    # the second step, written out (SDE-DPM-Solver++(2M), midpoint): the same two draws of z in order
+    s0, s1, s2 = (float(v) for v in sigmas[:3])
+    g = gen(43)
+    z1, z2 = (torch.randn(x.shape, generator=g, dtype=F64) for _ in range(2))
+    x0_0 = nonlinear_denoiser(x, sigmas[0].expand(2))
+    x1 = (s1 / s0) ** 2 * x + (1 - (s1 / s0) ** 2) * x0_0 + s1 * math.sqrt(1 - (s1 / s0) ** 2) * z1
+    x0_1 = nonlinear_denoiser(x1, sigmas[1].expand(2))
+    h0, h1 = math.log(s0 / s1), math.log(s1 / s2)
+    w = 1 - math.exp(-2 * h1)
+    expected = (s2 / s1) * math.exp(-h1) * x1 + w * x0_1 + w * h1 / (2 * h0) * (x0_1 - x0_0) + s2 * math.sqrt(w) * z2
+    two = sample_dpmpp_2m_sde(nonlinear_denoiser, x, sigmas[:3], generator=gen(43))
+    torch.testing.assert_close(two, expected, rtol=1e-12, atol=1e-12)
+    assert float((two - sample_ddpm(nonlinear_denoiser, x, sigmas[:3], generator=gen(43))).abs().max()) > 1e-5
+
+
+def test_dpmpp_2m_sde_s_noise_scales_the_fresh_noise_and_eta_is_checked():
+    # Reference: the sampler is affine in s_noise on one step (x_s = m + s_noise·σ_s·√(1 − e^{−2ηh})·z).
+    x = torch.randn(2, 5, generator=gen(44), dtype=F64) * 30
+    sigmas = COSINE.sampling_sigmas(10, "trailing")[:2]
+    mean, full, half = (sample_dpmpp_2m_sde(nonlinear_denoiser, x, sigmas, s_noise=k, generator=gen(45)) for k in (0.0, 1.0, 0.5))
+    torch.testing.assert_close(half - mean, (full - mean) / 2, rtol=1e-12, atol=1e-12)
+    assert float((full - mean).abs().max()) > 1e-3
+    with pytest.raises(SamplerError, match="eta: must be >= 0, got -0.5"):
+        sample(nonlinear_denoiser, (1, 2), LINEAR, sampler="dpmpp_2m_sde", steps=3, eta=-0.5)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
@@ -399,7 +443,7 @@ def test_sample_starts_from_the_vp_prior_in_ve_coordinates():
 def test_registry_matches_config_and_default_spacings():
     assert set(SAMPLERS) == set(config.SAMPLERS)
     assert {n: s.default_spacing for n, s in SAMPLERS.items()} == {
-        "ddpm": "trailing", "ddim": "trailing", "dpmpp_2m": "trailing",
+        "ddpm": "trailing", "ddim": "trailing", "dpmpp_2m": "trailing", "dpmpp_2m_sde": "trailing",
         "euler": "trailing", "euler_ancestral": "trailing", "heun": "karras",
     }  # fmt: skip
     assert get_sampler("heun").fn is sample_heun
@@ -408,7 +452,7 @@ def test_registry_matches_config_and_default_spacings():
 def test_unknown_sampler_lists_the_valid_names():
     with pytest.raises(SamplerError) as err:
         get_sampler("plms")
-    assert str(err.value) == "unknown sampler 'plms'; valid: ddim, ddpm, dpmpp_2m, euler, euler_ancestral, heun"
+    assert str(err.value) == "unknown sampler 'plms'; valid: ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, euler, euler_ancestral, heun"
 
 
 def test_bad_options_and_sigmas_are_sampler_errors():
