@@ -55,6 +55,7 @@ class BenchSettings:
     fid_prompts: int = 64
     fid_steps: int = 20
     fid_reference_steps: int = 1000
+    fid_seeds: int = 3  # noise seeds of the FID comparison (medians over them)
     quality: str | None = None  # DVC experiment trained with arch: diffusers (quality at equal compute)
     quality_ours: str = "workspace"  # the experiment it is compared with
     seed: int = 0
@@ -65,7 +66,7 @@ class BenchSettings:
     def quick_run(cls, **overrides: Any) -> BenchSettings:
         tiny = dict(batch_size=4, resolution=16, repeats=2, warmup=1, sampling_batch=2, sampling_steps=3, matmul_size=128,
                     data_batches=1, shuffle_buffer=8, synthetic_samples=40, synthetic_resolution=16, fid_prompts=4,
-                    fid_steps=3, fid_reference_steps=10, quick=True)
+                    fid_steps=3, fid_reference_steps=10, fid_seeds=2, quick=True)
         return cls(**{**tiny, **overrides})
 
 
@@ -140,9 +141,12 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
                                               resolution=s.resolution, steps=s.sampling_steps, guidance=s.guidance,
                                               repeats=s.repeats, warmup=s.warmup, seed=s.seed, device=device))
         if s.fid:
-            comparisons.append(bench_fid(paths.base_model, paths.evaluator, shards_dir=paths.shards, cache_dir=paths.embeddings,
-                                         cfg=evaluate, prompts=s.fid_prompts, steps=s.fid_steps, reference_steps=s.fid_reference_steps))
-            notes.append("FID: the trained base model on CPU (imager.cascade), evaluator features, held-out prompts.")
+            comparisons += bench_fid(paths.base_model, paths.evaluator, shards_dir=paths.shards, cache_dir=paths.embeddings,
+                                     cfg=evaluate, prompts=s.fid_prompts, steps=s.fid_steps, reference_steps=s.fid_reference_steps,
+                                     seeds=s.fid_seeds)
+            notes.append(f"FID: the trained base model on {device.type.upper()} (imager.cascade), evaluator features, "
+                         f"{comparisons[-1].details['prompts']} held-out prompts; the median over {s.fid_seeds} noise seeds "
+                         "(per-seed values in the JSON).")
         if {"cache", "data"} & set(s.only):
             shards, synthetic = ensure_shards(paths.shards, tmp_path, count=s.synthetic_samples,
                                               resolution=s.synthetic_resolution, seed=s.seed)

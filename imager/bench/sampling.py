@@ -8,8 +8,9 @@ matched diffusers UNet driven by ``DPMSolverMultistepScheduler`` (dpmsolver++, o
 spacing, Imager's own betas and prediction target), CFG by batch doubling. Same batch, steps and
 guidance scale; random weights (throughput does not depend on them).
 
-Quality (``--fid``): the trained base model, 20 DPM-Solver++ steps vs 1000 DDPM steps, each scored
-with the evaluator's FID against the held-out reference (imager.evaluation.run.held_out, Scorer).
+Quality (``--fid``): the trained base model, 20 DPM-Solver++ steps (the ODE solver and its SDE
+variant) vs 1000 DDPM steps, each scored with the evaluator's FID against the held-out reference
+(imager.evaluation.run.held_out, Scorer), medians over noise seeds.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -115,9 +115,15 @@ def bench_sampling(config: UNetConfig, schedule: NoiseSchedule, prediction: str,
                       "diffusers DPMSolverMultistepScheduler", ips["diffusers"], details=details)
 
 
+# sampler -> (comparison key, label): each against the many-step DDPM reference
+FID_SAMPLERS = {"dpmpp_2m": ("sampling_fid", "DPM-Solver++(2M)"), "dpmpp_2m_sde": ("sampling_fid_sde", "SDE-DPM-Solver++(2M)")}
+
+
 def bench_fid(base_model: Path, evaluator_path: Path, *, shards_dir: Path, cache_dir: Path, cfg: Evaluate, prompts: int,
-              steps: int, reference_steps: int) -> Comparison:
-    """FID (evaluator) of the trained base model: DPM-Solver++ at ``steps`` vs DDPM at ``reference_steps``."""
+              steps: int, reference_steps: int, seeds: int) -> list[Comparison]:
+    """FID (evaluator) of the trained base model: each of :data:`FID_SAMPLERS` at ``steps`` vs DDPM at
+    ``reference_steps``, on the same held-out prompts, repeated over ``seeds`` noise seeds; the rows
+    compare medians over the seeds (the per-seed values are in the details)."""
     from imager.cascade import Cascade
     from imager.evaluation.config import Backbones
     from imager.evaluation.evaluator import load_evaluator
@@ -129,15 +135,25 @@ def bench_fid(base_model: Path, evaluator_path: Path, *, shards_dir: Path, cache
     cfg = cfg.model_copy(update={"prompts": prompts, "grid_rows": min(cfg.grid_rows, prompts)})
     data = held_out(shards_dir, EmbeddingCache(cache_dir), cfg)
     scorer = Scorer(evaluator, data, cfg, cascade.base.resolution, Backbones())
-    results: dict[str, Any] = {}
-    for sampler, n in (("dpmpp_2m", steps), ("ddpm", reference_steps)):
-        started = time.perf_counter()
-        images, _ = cascade.generate(data.cond, sampler=sampler, base_steps=n, base_guidance=cfg.base.guidance, seed=cfg.seed,
-                                     batch_size=cfg.batch_size, use_sr=False)
-        seconds = time.perf_counter() - started
-        results[sampler] = {"steps": n, "fid_evaluator": scorer.score(images, data.targets, clip=False)["fid_evaluator"], "seconds": seconds}
-        log.info("bench: %s at %d steps: FID %.3f (%.0f s)", sampler, n, results[sampler]["fid_evaluator"], seconds)
-    details = {"prompts": len(data.captions), "guidance": cfg.base.guidance, "seed": cfg.seed, "model": str(base_model), **results}
-    return Comparison("sampling_fid", "Sampling quality, evaluator FID (lower is better)", "FID",
-                      f"DPM-Solver++(2M), {steps} steps", results["dpmpp_2m"]["fid_evaluator"],
-                      f"DDPM, {reference_steps} steps", results["ddpm"]["fid_evaluator"], details=details)
+    n = len(data.captions)
+    seed_list = [cfg.seed + k * n for k in range(seeds)]  # generate() seeds batch b with seed + b: no overlap
+    runs = {**dict.fromkeys(FID_SAMPLERS, steps), "ddpm": reference_steps}
+    fids: dict[str, list[float]] = {name: [] for name in runs}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for seed in seed_list:
+        for sampler, count in runs.items():
+            started = time.perf_counter()
+            images, _ = cascade.generate(data.cond, sampler=sampler, base_steps=count, base_guidance=cfg.base.guidance, seed=seed,
+                                         batch_size=cfg.batch_size, use_sr=False)
+            seconds[sampler].append(time.perf_counter() - started)
+            fids[sampler].append(scorer.score(images, data.targets, clip=False)["fid_evaluator"])
+            log.info("bench: %s at %d steps, seed %d: FID %.3f (%.0f s)", sampler, count, seed, fids[sampler][-1], seconds[sampler][-1])
+    results = {name: {"steps": runs[name], "fid_evaluator": median(fids[name]), "fid_evaluator_per_seed": fids[name],
+                      "seconds": seconds[name]} for name in runs}
+    details = {"prompts": n, "guidance": cfg.base.guidance, "seeds": seed_list, "statistic": "median over seeds",
+               "model": str(base_model), **results}
+    return [
+        Comparison(key, f"Sampling quality, {label}, evaluator FID (lower is better)", "FID", f"{label}, {steps} steps",
+                   results[name]["fid_evaluator"], f"DDPM, {reference_steps} steps", results["ddpm"]["fid_evaluator"], details=details)
+        for name, (key, label) in FID_SAMPLERS.items()
+    ]

@@ -256,3 +256,38 @@ def test_evaluator_beats_chance_on_real_held_out_emoji(tmp_path):
     assert report["val_images"] >= 40
     assert report[k] > 5 * report[f"{k}_chance"], report
     assert report["val_top1_all"] > 5 * report["val_top1_all_chance"], report
+
+
+def test_bench_fid_compares_medians_over_seeds_of_the_named_samplers(data, cascade):
+    # Reference: each per-seed FID is the evaluate stage's Scorer on cascade.generate(sampler, steps, seed)
+    # recomputed here; the rows compare the medians of those values; the seeds do not overlap.
+    import statistics
+
+    from imager.bench.sampling import bench_fid
+    from imager.evaluation.config import Backbones
+    from imager.evaluation.evaluator import load_evaluator
+    from imager.evaluation.run import Scorer, held_out
+    from imager.text.cache import EmbeddingCache
+
+    base, ev = cascade["base"] / "model.safetensors", cascade["evaluator"] / "evaluator.safetensors"
+    cfg = config.load(cascade["params"]).evaluate
+    rows = bench_fid(base, ev, shards_dir=data["shards"], cache_dir=data["emb"], cfg=cfg, prompts=4, steps=2, reference_steps=5, seeds=3)
+    assert [r.key for r in rows] == ["sampling_fid", "sampling_fid_sde"]
+    details = rows[0].details
+    assert details["prompts"] == 4 and details["seeds"] == [cfg.seed, cfg.seed + 4, cfg.seed + 8]
+    assert {n: details[n]["steps"] for n in ("dpmpp_2m", "dpmpp_2m_sde", "ddpm")} == {"dpmpp_2m": 2, "dpmpp_2m_sde": 2, "ddpm": 5}
+
+    c = Cascade.load(base)
+    small = cfg.model_copy(update={"prompts": 4, "grid_rows": 3})
+    held = held_out(data["shards"], EmbeddingCache(data["emb"]), small)
+    scorer = Scorer(load_evaluator(ev), held, small, c.base.resolution, Backbones())
+    for sampler, steps in (("dpmpp_2m_sde", 2), ("ddpm", 5)):
+        images, _ = c.generate(held.cond, sampler=sampler, base_steps=steps, base_guidance=cfg.base.guidance, seed=cfg.seed + 4,
+                               batch_size=cfg.batch_size, use_sr=False)
+        fid = scorer.score(images, held.targets, clip=False)["fid_evaluator"]
+        assert details[sampler]["fid_evaluator_per_seed"][1] == pytest.approx(fid, rel=1e-6)
+    for row, name in zip(rows, ("dpmpp_2m", "dpmpp_2m_sde"), strict=True):
+        assert row.ours == statistics.median(details[name]["fid_evaluator_per_seed"])
+        assert row.theirs == statistics.median(details["ddpm"]["fid_evaluator_per_seed"])
+        assert row.ratio == pytest.approx(row.ours / row.theirs) and row.target == ("<=", 1.05)
+    assert len(set(details["ddpm"]["fid_evaluator_per_seed"])) == 3  # different noise, different samples
