@@ -165,7 +165,7 @@ class Embed(Section):
 
 class Params(Section):
     seed: int = Field(0, ge=0)
-    sampler: SamplerName = "dpmpp_2m"  # read by the evaluation stage; `dvc exp run -S sampler=ddim`
+    sampler: SamplerName = "dpmpp_2m_sde"  # read by the evaluation stage; `dvc exp run -S sampler=ddim`
     tracking: Tracking = Tracking()
     download: Download = Download()
     shard: Shard = Shard()

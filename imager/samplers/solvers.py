@@ -255,8 +255,9 @@ def sample_dpmpp_2m_sde(
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """SDE-DPM-Solver++(2M): DPM-Solver++'s data-prediction multistep solver for the reverse SDE
-    (Lu et al. 2022, "DPM-Solver++", §5 and App. B; k-diffusion's ``sample_dpmpp_2m_sde``, midpoint).
+    """SDE-DPM-Solver++(2M): DPM-Solver++'s data-prediction multistep solver (Lu et al. 2022) for the
+    reverse SDE, as k-diffusion's ``sample_dpmpp_2m_sde`` (midpoint form) and diffusers'
+    ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")`` write it.
 
     With η scaling the SDE's noise (η = 0: the PF-ODE), a step σ_t → σ_s with h = λ_s − λ_t reads
         x_s = (σ_s/σ_t)·e^{−ηh}·x_t + (1 − e^{−(1+η)h})·(x̂0_t + (x̂0_t − x̂0_prev)/(2r)) + σ_s·√(1 − e^{−2ηh})·z,
