@@ -10,6 +10,7 @@ position, so a resumed run continues exactly where the interrupted one was.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import json
@@ -17,7 +18,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,8 @@ from tqdm.auto import tqdm
 
 from imager.diffusion.process import diffusion_loss, q_sample
 from imager.diffusion.schedule import NoiseSchedule
-from imager.models.checkpoint import save_model
 from imager.models.base import Denoiser, build_denoiser
+from imager.models.checkpoint import save_model
 from imager.text.cache import EmbeddingCache
 from imager.training.config import TrainCommon
 from imager.training.distributed import Dist, barrier, mean_across
@@ -54,9 +55,40 @@ def lr_at(step: int, cfg: TrainCommon) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * shape)
 
 
+# The sources whose code decides the weights a run ends with: the networks, the diffusion loss and
+# schedules, the loop with its loader, tasks, optimizer and EMA, and the embedding lookup.
+_PACKAGE = Path(__file__).resolve().parents[1]
+TRAINING_CODE: tuple[Path, ...] = tuple(_PACKAGE / p for p in ("diffusion", "models", "training", "text/cache.py"))
+
+
+def code_digest(paths: Iterable[Path]) -> str:
+    """A digest of the Python sources in ``paths`` (files or packages) that ignores comments, formatting
+    and docstrings: it changes when the code does, not when its documentation does."""
+    files = {}  # name within its package, as "models/unet.py" (a file given alone: its name) -> path
+    for p in map(Path, paths):
+        for f in [p] if p.is_file() else p.rglob("*.py"):
+            files[f.relative_to(p.parent).as_posix()] = f
+    h = hashlib.sha256()
+    for name, file in sorted(files.items()):
+        tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (
+                isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                and body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
+                node.body = body[1:] or [ast.Pass()]
+        h.update(name.encode() + b"\0" + ast.dump(tree).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def fingerprint(cfg: TrainCommon, seed: int, world_size: int, shards_dir: Path, cache_dir: Path) -> str:
-    """What a checkpoint must match to be resumed: the params, the data and the process count."""
-    parts = [cfg.model_dump_json(), str(seed), str(world_size)]
+    """What a checkpoint must match to be resumed: the params, the data, the training code
+    (``TRAINING_CODE``, see ``code_digest``) and the process count."""
+    parts = [cfg.model_dump_json(), str(seed), str(world_size), code_digest(TRAINING_CODE)]
     for path in (Path(shards_dir) / "index.json", Path(cache_dir) / "meta.json", Path(cache_dir) / "keys.txt"):
         parts.append(hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
@@ -125,7 +157,7 @@ class Trainer:
             return
         meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
         if meta.get("fingerprint") != self.fingerprint:
-            log.warning("checkpoints in %s are from other params or data: starting afresh", self.ckpt_dir)
+            log.warning("checkpoints in %s are from other params, data or code: starting afresh", self.ckpt_dir)
             barrier(self.dist)
             if self.dist.is_main:
                 shutil.rmtree(self.ckpt_dir)

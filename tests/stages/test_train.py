@@ -30,6 +30,7 @@ from imager import config
 from imager.data.shard import shard
 from imager.models import load_model, read_checkpoint_meta
 from imager.text.cache import EmbeddingCache
+from imager.training import loop
 from imager.training.distributed import Dist
 from imager.training.loader import ShardLoader
 from imager.training.loop import Trainer
@@ -272,12 +273,55 @@ def test_checkpoints_from_other_params_are_not_resumed(data, tmp_path, caplog):
 
     caplog.set_level(logging.INFO, logger="imager")
     report = train("train-base", data, tmp_path, new)
-    assert f"checkpoints in {ckpt} are from other params or data: starting afresh" in caplog.text
+    assert f"checkpoints in {ckpt} are from other params, data or code: starting afresh" in caplog.text
     assert "resumed from" not in caplog.text and report["resumed_from_step"] == 0
     new_state = json.loads((latest_checkpoint(ckpt) / "state.json").read_text())
     assert new_state["fingerprint"] != old_state["fingerprint"]
     train("train-base", data, tmp_path, new, "fresh")  # the same params into empty directories
     assert_identical(weights(tmp_path / "run_out"), weights(tmp_path / "fresh_out"))
+
+
+def test_checkpoints_from_other_training_code_are_not_resumed(data, tmp_path, caplog, monkeypatch):
+    # The fingerprint reads the training sources through loop.TRAINING_CODE: point it at a copy and
+    # edit the copy, as a developer edits the package between two `dvc repro` runs.
+    copies = []
+    for path in loop.TRAINING_CODE:
+        copy = tmp_path / "code" / path.name
+        (shutil.copytree if path.is_dir() else shutil.copy)(path, copy)
+        copies.append(copy)
+    monkeypatch.setattr(loop, "TRAINING_CODE", tuple(copies))
+    params = write_params(tmp_path / "params.yaml")
+    steps, every = TINY["train_base"]["steps"], TINY["train_base"]["checkpoint_every"]
+    train("train-base", data, tmp_path, params)
+    reference = weights(tmp_path / "run_out")
+    ckpt = tmp_path / "run_ckpt"
+
+    def rewind() -> None:  # back to the mid-run checkpoint, as a kill after it leaves the directory
+        shutil.rmtree(ckpt / f"step-{steps:08d}")
+        (ckpt / "latest").write_text(f"step-{every:08d}\n")
+        shutil.rmtree(tmp_path / "run_out")
+
+    # Documentation only (a comment and a docstring): the run resumes, and exactly.
+    unet = tmp_path / "code" / "models" / "unet.py"
+    source = unet.read_text()
+    docstring_end = source.index('"""', 3)
+    unet.write_text("# edited\n" + source[:docstring_end] + " Edited." + source[docstring_end:])
+    rewind()
+    caplog.set_level(logging.INFO, logger="imager")
+    report = train("train-base", data, tmp_path, params)
+    assert report["resumed_from_step"] == every and "starting afresh" not in caplog.text
+    assert_identical(weights(tmp_path / "run_out"), reference)
+
+    # A code change: the checkpoints are set aside and the run starts afresh.
+    schedule = tmp_path / "code" / "diffusion" / "schedule.py"
+    schedule.write_text(schedule.read_text() + "\nEDITED = True\n")
+    rewind()
+    caplog.clear()
+    report = train("train-base", data, tmp_path, params)
+    assert f"checkpoints in {ckpt} are from other params, data or code: starting afresh" in caplog.text
+    assert report["resumed_from_step"] == 0 and "resumed from" not in caplog.text
+    assert (ckpt / "latest").read_text().strip() == f"step-{steps:08d}"
+    assert_identical(weights(tmp_path / "run_out"), reference)  # the real code is unchanged: same weights
 
 
 # ------------------------------------------------------------------------------ 4. DDP on CPU
