@@ -19,6 +19,7 @@ TARGETS: dict[str, tuple[Literal[">=", "<="], float] | None] = {
     "sampling_speed": (">=", 1.5),  # ≥ 1.5× diffusers' images/s at 20 steps
     "sampling_fid": ("<=", 1.05),  # DPM-Solver++ 20 steps within 5 % of 1000-step DDPM FID
     "sampling_fid_sde": ("<=", 1.05),  # the same for its SDE variant
+    "sampling_convergence": ("<=", 1.05),  # "20 steps is almost converged": within 5 % of its own 1000-step FID
     "embedding_cache": (">=", 10.0),  # cache ≥ 10× on-the-fly steps/s
     "data_loading": None,  # reported, no target
     # quality at equal compute, Imager's default vs arch: diffusers: ≥ 20 % lower evaluator FID, ≥ 20 % higher R-precision

@@ -144,9 +144,13 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
             comparisons += bench_fid(paths.base_model, paths.evaluator, shards_dir=paths.shards, cache_dir=paths.embeddings,
                                      cfg=evaluate, prompts=s.fid_prompts, steps=s.fid_steps, reference_steps=s.fid_reference_steps,
                                      seeds=s.fid_seeds)
+            fid = comparisons[-1].details
             notes.append(f"FID: the trained base model on {device.type.upper()} (imager.cascade), evaluator features, "
-                         f"{comparisons[-1].details['prompts']} held-out prompts; the median over {s.fid_seeds} noise seeds "
+                         f"{fid['prompts']} held-out prompts; the median over {s.fid_seeds} noise seeds "
                          "(per-seed values in the JSON).")
+            notes.append(f"Convergence: the RMS pixel difference between DPM-Solver++(2M)'s {s.fid_steps}- and "
+                         f"{s.fid_reference_steps}-step images of the same noise is "
+                         f"{fid['dpmpp_2m']['rms_to_converged']:.3f} (median over the seeds; images in [-1, 1]).")
         if {"cache", "data"} & set(s.only):
             shards, synthetic = ensure_shards(paths.shards, tmp_path, count=s.synthetic_samples,
                                               resolution=s.synthetic_resolution, seed=s.seed)

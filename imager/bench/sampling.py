@@ -9,8 +9,9 @@ spacing, Imager's own betas and prediction target), CFG by batch doubling. Same 
 guidance scale; random weights (throughput does not depend on them).
 
 Quality (``--fid``): the trained base model, 20 DPM-Solver++ steps (the ODE solver and its SDE
-variant) vs 1000 DDPM steps, each scored with the evaluator's FID against the held-out reference
-(imager.evaluation.run.held_out, Scorer), medians over noise seeds.
+variant) vs 1000 DDPM steps, and 20 vs 1000 DPM-Solver++(2M) steps (convergence), each scored with
+the evaluator's FID against the held-out reference (imager.evaluation.run.held_out, Scorer),
+medians over noise seeds.
 """
 
 from __future__ import annotations
@@ -117,13 +118,16 @@ def bench_sampling(config: UNetConfig, schedule: NoiseSchedule, prediction: str,
 
 # sampler -> (comparison key, label): each against the many-step DDPM reference
 FID_SAMPLERS = {"dpmpp_2m": ("sampling_fid", "DPM-Solver++(2M)"), "dpmpp_2m_sde": ("sampling_fid_sde", "SDE-DPM-Solver++(2M)")}
+CONVERGED = "dpmpp_2m_converged"  # DPM-Solver++(2M) at the reference step count: the ODE's own solution
 
 
 def bench_fid(base_model: Path, evaluator_path: Path, *, shards_dir: Path, cache_dir: Path, cfg: Evaluate, prompts: int,
               steps: int, reference_steps: int, seeds: int) -> list[Comparison]:
     """FID (evaluator) of the trained base model: each of :data:`FID_SAMPLERS` at ``steps`` vs DDPM at
-    ``reference_steps``, on the same held-out prompts, repeated over ``seeds`` noise seeds; the rows
-    compare medians over the seeds (the per-seed values are in the details)."""
+    ``reference_steps``, and DPM-Solver++(2M) at ``steps`` vs itself at ``reference_steps`` (is it
+    converged?), on the same held-out prompts, repeated over ``seeds`` noise seeds. The rows compare
+    medians over the seeds; the per-seed values are in the details, with the RMS pixel difference
+    between the ``steps`` and the ``reference_steps`` ODE images of the same noise."""
     from imager.cascade import Cascade
     from imager.evaluation.config import Backbones
     from imager.evaluation.evaluator import load_evaluator
@@ -137,23 +141,31 @@ def bench_fid(base_model: Path, evaluator_path: Path, *, shards_dir: Path, cache
     scorer = Scorer(evaluator, data, cfg, cascade.base.resolution, Backbones())
     n = len(data.captions)
     seed_list = [cfg.seed + k * n for k in range(seeds)]  # generate() seeds batch b with seed + b: no overlap
-    runs = {**dict.fromkeys(FID_SAMPLERS, steps), "ddpm": reference_steps}
+    runs = {**{name: (name, steps) for name in FID_SAMPLERS}, "ddpm": ("ddpm", reference_steps), CONVERGED: ("dpmpp_2m", reference_steps)}
     fids: dict[str, list[float]] = {name: [] for name in runs}
     seconds: dict[str, list[float]] = {name: [] for name in runs}
+    rms: list[float] = []
     for seed in seed_list:
-        for sampler, count in runs.items():
+        images = {}
+        for name, (sampler, count) in runs.items():
             started = time.perf_counter()
-            images, _ = cascade.generate(data.cond, sampler=sampler, base_steps=count, base_guidance=cfg.base.guidance, seed=seed,
-                                         batch_size=cfg.batch_size, use_sr=False)
-            seconds[sampler].append(time.perf_counter() - started)
-            fids[sampler].append(scorer.score(images, data.targets, clip=False)["fid_evaluator"])
-            log.info("bench: %s at %d steps, seed %d: FID %.3f (%.0f s)", sampler, count, seed, fids[sampler][-1], seconds[sampler][-1])
-    results = {name: {"steps": runs[name], "fid_evaluator": median(fids[name]), "fid_evaluator_per_seed": fids[name],
-                      "seconds": seconds[name]} for name in runs}
+            images[name], _ = cascade.generate(data.cond, sampler=sampler, base_steps=count, base_guidance=cfg.base.guidance,
+                                               seed=seed, batch_size=cfg.batch_size, use_sr=False)
+            seconds[name].append(time.perf_counter() - started)
+            fids[name].append(scorer.score(images[name], data.targets, clip=False)["fid_evaluator"])
+            log.info("bench: %s at %d steps, seed %d: FID %.3f (%.0f s)", sampler, count, seed, fids[name][-1], seconds[name][-1])
+        rms.append((images["dpmpp_2m"] - images[CONVERGED]).float().pow(2).mean().sqrt().item())
+    results = {name: {"sampler": sampler, "steps": count, "fid_evaluator": median(fids[name]), "fid_evaluator_per_seed": fids[name],
+                      "seconds": seconds[name]} for name, (sampler, count) in runs.items()}
+    results["dpmpp_2m"].update(rms_to_converged=median(rms), rms_to_converged_per_seed=rms)  # images in [-1, 1]
     details = {"prompts": n, "guidance": cfg.base.guidance, "seeds": seed_list, "statistic": "median over seeds",
                "model": str(base_model), **results}
-    return [
+    rows = [
         Comparison(key, f"Sampling quality, {label}, evaluator FID (lower is better)", "FID", f"{label}, {steps} steps",
                    results[name]["fid_evaluator"], f"DDPM, {reference_steps} steps", results["ddpm"]["fid_evaluator"], details=details)
         for name, (key, label) in FID_SAMPLERS.items()
     ]
+    rows.append(Comparison("sampling_convergence", "Sampling convergence, DPM-Solver++(2M) vs its own many-step solution, "
+                           "evaluator FID (lower is better)", "FID", f"{steps} steps", results["dpmpp_2m"]["fid_evaluator"],
+                           f"{reference_steps} steps", results[CONVERGED]["fid_evaluator"], details=details))
+    return rows

@@ -272,22 +272,45 @@ def test_bench_fid_compares_medians_over_seeds_of_the_named_samplers(data, casca
     base, ev = cascade["base"] / "model.safetensors", cascade["evaluator"] / "evaluator.safetensors"
     cfg = config.load(cascade["params"]).evaluate
     rows = bench_fid(base, ev, shards_dir=data["shards"], cache_dir=data["emb"], cfg=cfg, prompts=4, steps=2, reference_steps=5, seeds=3)
-    assert [r.key for r in rows] == ["sampling_fid", "sampling_fid_sde"]
+    assert [r.key for r in rows] == ["sampling_fid", "sampling_fid_sde", "sampling_convergence"]
     details = rows[0].details
     assert details["prompts"] == 4 and details["seeds"] == [cfg.seed, cfg.seed + 4, cfg.seed + 8]
-    assert {n: details[n]["steps"] for n in ("dpmpp_2m", "dpmpp_2m_sde", "ddpm")} == {"dpmpp_2m": 2, "dpmpp_2m_sde": 2, "ddpm": 5}
+    runs = {n: (details[n]["sampler"], details[n]["steps"]) for n in ("dpmpp_2m", "dpmpp_2m_sde", "ddpm", "dpmpp_2m_converged")}
+    assert runs == {"dpmpp_2m": ("dpmpp_2m", 2), "dpmpp_2m_sde": ("dpmpp_2m_sde", 2), "ddpm": ("ddpm", 5),
+                    "dpmpp_2m_converged": ("dpmpp_2m", 5)}
 
     c = Cascade.load(base)
     small = cfg.model_copy(update={"prompts": 4, "grid_rows": 3})
     held = held_out(data["shards"], EmbeddingCache(data["emb"]), small)
     scorer = Scorer(load_evaluator(ev), held, small, c.base.resolution, Backbones())
-    for sampler, steps in (("dpmpp_2m_sde", 2), ("ddpm", 5)):
-        images, _ = c.generate(held.cond, sampler=sampler, base_steps=steps, base_guidance=cfg.base.guidance, seed=cfg.seed + 4,
-                               batch_size=cfg.batch_size, use_sr=False)
-        fid = scorer.score(images, held.targets, clip=False)["fid_evaluator"]
-        assert details[sampler]["fid_evaluator_per_seed"][1] == pytest.approx(fid, rel=1e-6)
-    for row, name in zip(rows, ("dpmpp_2m", "dpmpp_2m_sde"), strict=True):
-        assert row.ours == statistics.median(details[name]["fid_evaluator_per_seed"])
-        assert row.theirs == statistics.median(details["ddpm"]["fid_evaluator_per_seed"])
+    images = {}
+    for name, (sampler, steps) in runs.items():
+        images[name], _ = c.generate(held.cond, sampler=sampler, base_steps=steps, base_guidance=cfg.base.guidance, seed=cfg.seed + 4,
+                                     batch_size=cfg.batch_size, use_sr=False)
+        fid = scorer.score(images[name], held.targets, clip=False)["fid_evaluator"]
+        assert details[name]["fid_evaluator_per_seed"][1] == pytest.approx(fid, rel=1e-6)
+    rms = (images["dpmpp_2m"] - images["dpmpp_2m_converged"]).pow(2).mean().sqrt().item()
+    assert details["dpmpp_2m"]["rms_to_converged_per_seed"][1] == pytest.approx(rms, rel=1e-6) and rms > 0
+    medians = {name: statistics.median(details[name]["fid_evaluator_per_seed"]) for name in runs}
+    pairs = [("dpmpp_2m", "ddpm"), ("dpmpp_2m_sde", "ddpm"), ("dpmpp_2m", "dpmpp_2m_converged")]
+    for row, (ours, theirs) in zip(rows, pairs, strict=True):
+        assert (row.ours, row.theirs) == (medians[ours], medians[theirs])
         assert row.ratio == pytest.approx(row.ours / row.theirs) and row.target == ("<=", 1.05)
     assert len(set(details["ddpm"]["fid_evaluator_per_seed"])) == 3  # different noise, different samples
+    assert details["dpmpp_2m"]["rms_to_converged"] == statistics.median(details["dpmpp_2m"]["rms_to_converged_per_seed"])
+
+
+def test_bench_fid_alone_reports_the_three_rows_and_the_convergence_note(data, cascade):
+    from imager.bench.run import BenchPaths, BenchSettings, run_bench
+
+    params = config.load(cascade["params"])
+    settings = BenchSettings.quick_run(only=(), fid=True, fid_prompts=4, fid_steps=2, fid_reference_steps=5, fid_seeds=2)
+    paths = BenchPaths(shards=data["shards"], embeddings=data["emb"], base_model=cascade["base"] / "model.safetensors",
+                       evaluator=cascade["evaluator"] / "evaluator.safetensors")
+    report = run_bench(params.train_base.model, params.train_base.schedule, params.train_base.loss.prediction, params.embed,
+                       params.evaluate, settings=settings, paths=paths, device=torch.device("cpu"))
+    assert [c.key for c in report.comparisons] == ["sampling_fid", "sampling_fid_sde", "sampling_convergence"]
+    rms = report.comparisons[-1].details["dpmpp_2m"]["rms_to_converged"]
+    assert f"Convergence: the RMS pixel difference between DPM-Solver++(2M)'s 2- and 5-step images of the same noise is {rms:.3f}" in (
+        "\n".join(report.notes))
+    assert "| Sampling convergence, DPM-Solver++(2M) vs its own many-step solution" in report.markdown()
