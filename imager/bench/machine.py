@@ -1,9 +1,10 @@
 """What machine the numbers come from, and what its fp32 matmul peak is.
 
-The peak is measured, not taken from a datasheet: the GFLOP/s of the fastest of several rounds of a
-large square fp32 ``torch.mm`` (2·N³ FLOPs each), after warm-up; the benchmark measures it before
-and after the training comparison and keeps the higher, so a slow moment does not lower the peak. Training utilisation is the achieved
-GFLOP/s of a training step divided by it.
+The peak is measured, not taken from a datasheet: GFLOP/s of the fastest of several rounds of a
+large square fp32 ``torch.mm`` (2·N³ FLOPs). The training comparison times one matmul in every
+round, right after the two training steps (:func:`matmul_round`), so the peak comes from the same
+minutes as the steps: on a shared 2-core VM the machine's speed drifts by ±25 % from minute to
+minute. Training utilisation is the achieved GFLOP/s of the median step over that peak.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
 import torch
 
-from imager.bench.measure import interleaved, median, synchronize
+from imager.bench.measure import median
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,16 +109,19 @@ def other_cpu_share(start: CpuClock, end: CpuClock, cores: int) -> float:
     return min(1.0, max(0.0, other / (wall * cores)))
 
 
-def matmul_peak(device: torch.device, size: int, repeats: int, warmup: int) -> dict[str, Any]:
-    """This machine's fp32 matmul throughput: median GFLOP/s of ``size``² @ ``size``² over ``repeats``."""
+def matmul_round(device: torch.device, size: int) -> Callable[[], Any]:
+    """One round of the fp32 matmul peak: ``size``² @ ``size``² on ``device`` (random operands)."""
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, generator=gen, device=device)
     b = torch.randn(size, size, generator=gen, device=device)
     out = torch.empty(size, size, device=device)
-    times = interleaved({"mm": lambda: torch.mm(a, b, out=out)}, repeats=repeats, warmup=warmup, device=device, desc="bench: matmul peak")
-    synchronize(device)
+    return lambda: torch.mm(a, b, out=out)
+
+
+def matmul_peak(seconds: list[float], size: int) -> dict[str, Any]:
+    """This machine's fp32 matmul peak from the times of :func:`matmul_round` calls: GFLOP/s of the
+    fastest round (``gflops``; a peak is the best the machine does), the median round's beside it."""
     flops = 2 * size**3
-    seconds, best = median(times["mm"]), min(times["mm"])
-    # a peak is the best the machine does: the fastest round (the median is kept beside it)
-    return {"size": size, "flops": flops, "seconds_median": seconds, "seconds_best": best, "gflops": flops / best / 1e9,
-            "gflops_median": flops / seconds / 1e9}
+    mid, best = median(seconds), min(seconds)
+    return {"size": size, "flops": flops, "seconds_median": mid, "seconds_best": best, "gflops": flops / best / 1e9,
+            "gflops_median": flops / mid / 1e9, "seconds": seconds}

@@ -19,11 +19,11 @@ import torch
 from imager.bench import BenchError
 from imager.bench.cache import bench_cache
 from imager.bench.data import bench_data, ensure_shards, first_samples
-from imager.bench.machine import describe_machine, matmul_peak, other_cpu_share, read_cpu_clock
+from imager.bench.machine import describe_machine, other_cpu_share, read_cpu_clock
 from imager.bench.models import require_diffusers, resolve_config
 from imager.bench.report import Comparison, Report
 from imager.bench.sampling import bench_fid, bench_sampling
-from imager.bench.training import bench_training, utilisation_row
+from imager.bench.training import bench_training
 from imager.config import Embed
 from imager.diffusion.config import ScheduleConfig
 from imager.diffusion.schedule import NoiseSchedule
@@ -119,20 +119,17 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
     with tempfile.TemporaryDirectory(prefix="imager-bench-") as tmp:
         tmp_path = Path(tmp)
         if "training" in s.only:
-            before = matmul_peak(device, s.matmul_size, s.repeats, s.warmup)
             rows, details = bench_training(config, batch_size=s.batch_size, resolution=s.resolution, repeats=s.repeats,
-                                           warmup=s.warmup, seed=s.seed, device=device)
-            after = matmul_peak(device, s.matmul_size, s.repeats, s.warmup)
-            peak = {**max(before, after, key=lambda p: p["gflops"]), "gflops_before_after": [before["gflops"], after["gflops"]]}
-            machine["fp32_matmul_peak"] = peak
-            rows.insert(1, utilisation_row(details, peak["gflops"]))
+                                           warmup=s.warmup, seed=s.seed, device=device, matmul_size=s.matmul_size)
+            machine["fp32_matmul_peak"] = details["matmul_peak"]
             rows[0].details.update(details)  # the shared numbers (sizes, FLOPs, times) go with the speed row
             comparisons += rows
             notes.append(f"Peak memory: {details['memory_method']}; region: {rows[2].details['region']}.")
             notes.append("FLOPs: torch.utils.flop_counter.FlopCounterMode over forward + loss + backward (matmul, conv, "
                          "attention by shape; the CPU flash-attention kernel given torch's SDPA formulas). Utilisation = "
-                         f"achieved GFLOP/s / GFLOP/s of a {s.matmul_size}² fp32 torch.mm (its fastest round, "
-                         "measured before and after the training comparison, the higher kept).")
+                         f"achieved GFLOP/s of the median training step / GFLOP/s of the fastest {s.matmul_size}² fp32 "
+                         "torch.mm round, the matmul timed once in every round right after the two training steps, so the "
+                         "peak comes from the same minutes as the steps (its median round is in the JSON).")
             if not details["within_tolerance"]:
                 notes.append(f"The diffusers model is {100 * details['relative_difference']:+.1f} % off Imager's parameter count, "
                              f"outside ±{100 * details['tolerance']:.0f} %.")

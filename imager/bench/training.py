@@ -1,9 +1,9 @@
 """Comparison 1: a training step of Imager's UNet vs diffusers' UNet2DConditionModel of matched size.
 
-Three rows: images/s (interleaved, median step time), peak memory of building the model and its
-optimizer and running warm-up + one step (each model alone, one after the other), and utilisation
-(:func:`utilisation_row`): FLOPs of forward + backward (by shape) × steps/s over the machine's fp32
-matmul peak.
+Three rows: images/s (interleaved, median step time), utilisation (:func:`utilisation_row`: FLOPs
+of forward + backward (by shape) × steps/s over the fp32 matmul throughput, timed in the same
+rounds as the steps), and peak memory of building the model and its optimizer and running warm-up
++ one step (each model alone, one after the other).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from imager.bench.machine import matmul_peak, matmul_round
 from imager.bench.measure import count_flops, interleaved, measure_peak, median
 from imager.bench.models import (
     TrainStep,
@@ -69,9 +70,10 @@ def _peak_memories(names, config: UNetConfig, resolution: int, batch, seed: int,
 
 
 def bench_training(config: UNetConfig, *, batch_size: int, resolution: int, repeats: int, warmup: int, seed: int,
-                   device: torch.device, timesteps: int = 1000) -> tuple[list[Comparison], dict[str, Any]]:
-    """(the speed and memory comparisons, the shared details: sizes, FLOPs, step times, achieved GFLOP/s);
-    :func:`utilisation_row` makes the third once the machine's peak is known."""
+                   device: torch.device, matmul_size: int, timesteps: int = 1000) -> tuple[list[Comparison], dict[str, Any]]:
+    """(the speed, utilisation and memory comparisons, the shared details: sizes, FLOPs, step times,
+    achieved GFLOP/s, the matmul peak). Each round times Imager's step, diffusers' step and one
+    ``matmul_size``² fp32 matmul, one after the other."""
     sizes = matched_sizes(config, resolution)
     if not sizes["within_tolerance"]:
         log.warning("the diffusers model has %+.1f %% parameters vs Imager's (tolerance ±%.0f %%)",
@@ -86,8 +88,10 @@ def bench_training(config: UNetConfig, *, batch_size: int, resolution: int, repe
     for name, step in steps.items():
         flops[name] = count_flops(lambda step=step: step.loss_backward(batch))
         step.optimizer.zero_grad(set_to_none=True)
-    times = interleaved({n: (lambda s=s: s(batch)) for n, s in steps.items()}, repeats=repeats, warmup=warmup,
+    contenders = {n: (lambda s=s: s(batch)) for n, s in steps.items()}
+    times = interleaved({**contenders, "matmul": matmul_round(device, matmul_size)}, repeats=repeats, warmup=warmup,
                         device=device, desc="bench: training step")
+    peak = matmul_peak(times.pop("matmul"), matmul_size)
     seconds = {n: median(t) for n, t in times.items()}
     ips = {n: batch_size / seconds[n] for n in names}
     gflops = {n: flops[n] / seconds[n] / 1e9 for n in names}
@@ -108,6 +112,7 @@ def bench_training(config: UNetConfig, *, batch_size: int, resolution: int, repe
         "imager_label": None,  # set below
         "peak_memory_mib": {n: memory[n].mib for n in names},
         "memory_method": memory["imager"].method,
+        "matmul_peak": peak,
     }
     layout = network_label(config.model_dump()).removeprefix("imager")
     ours = f"{OURS}{layout}"
@@ -117,6 +122,7 @@ def bench_training(config: UNetConfig, *, batch_size: int, resolution: int, repe
     comparisons = [
         Comparison("training_speed", "Training step", "images/s", f"{ours}, {params}", ips["imager"],
                    f"{THEIRS}, {theirs_params}", ips["diffusers"]),
+        utilisation_row(details, peak["gflops"]),
         Comparison("training_memory", "Peak training memory", "MiB", ours, memory["imager"].mib, THEIRS, memory["diffusers"].mib,
                    details={"method": memory["imager"].method, "region": REGION}),
     ]
