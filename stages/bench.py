@@ -29,7 +29,7 @@ def bench(
     only: Annotated[list[str] | None, typer.Option(help="Run only these comparisons (repeatable): training, sampling, cache, data, quality.")] = None,
     fid: Annotated[bool, typer.Option("--fid", help="Also DPM-Solver++ 20 vs DDPM 1000 steps in FID (needs trained base model + evaluator; slow).")] = False,
     fid_prompts: Annotated[int | None, typer.Option(min=2, help="Held-out prompts for --fid. Default: evaluate.sweep.prompts.")] = None,
-    fid_seeds: Annotated[int | None, typer.Option(min=1, help="Noise seeds for --fid (medians over them). Default 3 (quick: 2).")] = None,
+    fid_seeds: Annotated[int | None, typer.Option(min=1, help="Noise seeds for --fid (their images are scored together). Default 3 (quick: 2).")] = None,
     quality: Annotated[str | None, typer.Option(help="DVC experiment trained with train_base.model.arch=diffusers: adds quality at equal compute.")] = None,
     quality_ours: Annotated[str, typer.Option(help="The DVC experiment (or workspace) --quality is compared with.")] = "workspace",
     device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda[:i].")] = "auto",

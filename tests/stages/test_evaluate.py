@@ -258,9 +258,9 @@ def test_evaluator_beats_chance_on_real_held_out_emoji(tmp_path):
     assert report["val_top1_all"] > 5 * report["val_top1_all_chance"], report
 
 
-def test_bench_fid_compares_medians_over_seeds_of_the_named_samplers(data, cascade):
+def test_bench_fid_compares_the_pooled_fid_over_seeds_of_the_named_samplers(data, cascade):
     # Reference: each per-seed FID is the evaluate stage's Scorer on cascade.generate(sampler, steps, seed)
-    # recomputed here; the rows compare the medians of those values; the seeds do not overlap.
+    # recomputed here; the rows compare the FID of every seed's images together; the seeds do not overlap.
     import statistics
 
     from imager.bench.sampling import bench_fid
@@ -283,18 +283,26 @@ def test_bench_fid_compares_medians_over_seeds_of_the_named_samplers(data, casca
     small = cfg.model_copy(update={"prompts": 4, "grid_rows": 3})
     held = held_out(data["shards"], EmbeddingCache(data["emb"]), small)
     scorer = Scorer(load_evaluator(ev), held, small, c.base.resolution, Backbones())
-    images = {}
-    for name, (sampler, steps) in runs.items():
-        images[name], _ = c.generate(held.cond, sampler=sampler, base_steps=steps, base_guidance=cfg.base.guidance, seed=cfg.seed + 4,
-                                     batch_size=cfg.batch_size, use_sr=False)
-        fid = scorer.score(images[name], held.targets, clip=False)["fid_evaluator"]
+    assert details["samples"] == 12 and details["reference_images"] == held.reference.shape[0]
+    images = {name: [] for name in runs}
+    for seed in details["seeds"]:
+        for name, (sampler, steps) in runs.items():
+            out, _ = c.generate(held.cond, sampler=sampler, base_steps=steps, base_guidance=cfg.base.guidance, seed=seed,
+                                batch_size=cfg.batch_size, use_sr=False)
+            images[name].append(out)
+    for name in runs:
+        fid = scorer.score(images[name][1], held.targets, clip=False)["fid_evaluator"]
         assert details[name]["fid_evaluator_per_seed"][1] == pytest.approx(fid, rel=1e-6)
-    rms = (images["dpmpp_2m"] - images["dpmpp_2m_converged"]).pow(2).mean().sqrt().item()
+        pooled = scorer.score(torch.cat(images[name]), held.targets.repeat(3), clip=False)["fid_evaluator"]
+        assert details[name]["fid_evaluator"] == pytest.approx(pooled, rel=1e-6)
+        per_seed = details[name]["fid_evaluator_per_seed"]
+        assert details[name]["fid_evaluator_median_over_seeds"] == statistics.median(per_seed)
+        assert details[name]["fid_evaluator"] not in per_seed  # the pooled statistic, not one seed's or their median
+    rms = (images["dpmpp_2m"][1] - images["dpmpp_2m_converged"][1]).pow(2).mean().sqrt().item()
     assert details["dpmpp_2m"]["rms_to_converged_per_seed"][1] == pytest.approx(rms, rel=1e-6) and rms > 0
-    medians = {name: statistics.median(details[name]["fid_evaluator_per_seed"]) for name in runs}
     pairs = [("dpmpp_2m", "ddpm"), ("dpmpp_2m_sde", "ddpm"), ("dpmpp_2m", "dpmpp_2m_converged")]
     for row, (ours, theirs) in zip(rows, pairs, strict=True):
-        assert (row.ours, row.theirs) == (medians[ours], medians[theirs])
+        assert (row.ours, row.theirs) == (details[ours]["fid_evaluator"], details[theirs]["fid_evaluator"])
         assert row.ratio == pytest.approx(row.ours / row.theirs) and row.target == ("<=", 1.05)
     assert len(set(details["ddpm"]["fid_evaluator_per_seed"])) == 3  # different noise, different samples
     assert details["dpmpp_2m"]["rms_to_converged"] == statistics.median(details["dpmpp_2m"]["rms_to_converged_per_seed"])
