@@ -128,9 +128,9 @@ def bench_fid(base_model: Path, evaluator_path: Path, *, shards_dir: Path, cache
     converged?), on the same held-out prompts, repeated over ``seeds`` noise seeds.
 
     The rows compare the pooled FID: every seed's images together (prompts × seeds samples) against
-    the held-out reference. FID is biased upwards by the sample count and its covariance estimate
-    is noisy below the feature dimension, so one FID over all the samples is a tighter statistic than
-    the median of per-seed FIDs at a third of the count. The per-seed values and their median are in
+    the held-out reference. FID is biased upwards at small sample counts, and its covariance estimate
+    is rank-deficient below the feature dimension, so one FID over all the samples is a tighter
+    statistic than the median of per-seed FIDs, each from ``prompts`` samples. The per-seed values and their median are in
     the details, with the RMS pixel difference between the ``steps`` and the ``reference_steps`` ODE
     images of the same noise."""
     from imager.cascade import Cascade
