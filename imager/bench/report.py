@@ -4,6 +4,8 @@ Every comparison reports ``ours`` (Imager's side) and ``theirs`` (the alternativ
 peak for utilisation) in the same unit, and ``ratio = ours / theirs`` computed from exactly those
 two numbers. A target is a bound on the ratio (``>=`` for throughputs and utilisation, ``<=`` for
 memory and FID); ``met`` is the plain comparison of the measured ratio with it, nothing rounded.
+A comparison may carry an ``interval`` of its ratio (the FID rows: a 95 % paired-bootstrap interval,
+:mod:`imager.bench.stats`); it is shown beside the ratio and does not change ``met``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Comparison:
     theirs_label: str
     theirs: float
     percent: bool = False  # show the ratio as a percentage (utilisation)
+    interval: tuple[float, float] | None = None  # (low, high) of the ratio: its 95 % bootstrap interval
     details: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -68,6 +71,7 @@ class Comparison:
             "theirs": {"label": self.theirs_label, "value": self.theirs},
             "ratio": self.ratio,
             "ratio_definition": "ours / theirs",
+            "ratio_interval_95": None if self.interval is None else list(self.interval),
             "target": target,
             "met": self.met,
             "details": self.details,
@@ -85,7 +89,8 @@ class Comparison:
             self.title,
             f"{_num(self.ours)} {self.unit} ({self.ours_label})",
             f"{_num(self.theirs)} {self.unit} ({self.theirs_label})",
-            self._ratio_text(self.ratio),
+            self._ratio_text(self.ratio) + ("" if self.interval is None else
+                                             f" ({self._ratio_text(self.interval[0])}–{self._ratio_text(self.interval[1])})"),
             target,
             mark,
         ]
@@ -134,7 +139,10 @@ class Report:
             "|" + "|".join(["---"] * len(HEADER)) + "|",
         ]
         lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in self.rows()]
-        lines += ["", "Ratio = Imager / baseline, measured in the same run; targets are issue 6's.", ""]
+        legend = "Ratio = Imager / baseline, measured in the same run; targets are issue 6's."
+        if any(c.interval for c in self.comparisons):
+            legend += " In parentheses: the ratio's 95 % paired-bootstrap interval."
+        lines += ["", legend, ""]
         if self.notes:
             lines += ["## Notes", ""] + [f"- {note}" for note in self.notes] + [""]
         return "\n".join(lines)
