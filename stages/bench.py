@@ -30,7 +30,6 @@ def bench(
     fid: Annotated[bool, typer.Option("--fid", help="Also DPM-Solver++ 20 vs DDPM 1000 steps in FID (needs trained base model + evaluator; slow).")] = False,
     fid_prompts: Annotated[int | None, typer.Option(min=2, help="Held-out prompts for --fid. Default: evaluate.sweep.prompts.")] = None,
     fid_seeds: Annotated[int | None, typer.Option(min=1, help="Noise seeds for --fid (their images are scored together). Default 3 (quick: 2).")] = None,
-    fid_bootstrap: Annotated[int | None, typer.Option(min=0, help="Paired-bootstrap draws for the --fid ratios' 95 % intervals (0: none). Default 1000 (quick: 20).")] = None,
     quality: Annotated[str | None, typer.Option(help="DVC experiment trained with train_base.model.arch=diffusers: adds quality at equal compute.")] = None,
     quality_ours: Annotated[str, typer.Option(help="The DVC experiment (or workspace) --quality is compared with.")] = "workspace",
     device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda[:i].")] = "auto",
@@ -63,7 +62,7 @@ def bench(
     base = {"resolution": tb.resolution, "batch_size": tb.batch_size, "guidance": p.evaluate.base.guidance,
             "shuffle_buffer": tb.shuffle_buffer, "synthetic_resolution": p.shard.resolution, "fid_prompts": p.evaluate.sweep.prompts}
     given = {"repeats": repeats, "warmup": warmup, "batch_size": batch, "sampling_batch": sampling_batch, "sampling_steps": steps,
-             "fid_prompts": fid_prompts, "fid_seeds": fid_seeds, "fid_bootstrap": fid_bootstrap, "quality": quality}
+             "fid_prompts": fid_prompts, "fid_seeds": fid_seeds, "quality": quality}
     overrides = {"fid": fid, "only": chosen, "quality_ours": quality_ours, **{k: v for k, v in given.items() if v is not None}}
     settings = BenchSettings.quick_run(**overrides) if quick else BenchSettings(**{**base, **overrides})
     if fid:

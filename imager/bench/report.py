@@ -4,7 +4,7 @@ Every comparison reports ``ours`` (Imager's side) and ``theirs`` (the alternativ
 peak for utilisation) in the same unit, and ``ratio = ours / theirs`` computed from exactly those
 two numbers. A target is a bound on the ratio (``>=`` for throughputs and utilisation, ``<=`` for
 memory and FID); ``met`` is the plain comparison of the measured ratio with it, nothing rounded.
-A comparison may carry an ``interval`` of its ratio (the FID rows: a 95 % paired-bootstrap interval,
+A comparison may carry an ``interval`` of its ratio (the FID rows: a 95 % jackknife interval,
 :mod:`imager.bench.stats`); it is shown beside the ratio and does not change ``met``.
 """
 
@@ -44,7 +44,7 @@ class Comparison:
     theirs_label: str
     theirs: float
     percent: bool = False  # show the ratio as a percentage (utilisation)
-    interval: tuple[float, float] | None = None  # (low, high) of the ratio: its 95 % bootstrap interval
+    interval: tuple[float, float] | None = None  # (low, high) of the ratio: its 95 % interval
     details: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -141,7 +141,7 @@ class Report:
         lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in self.rows()]
         legend = "Ratio = Imager / baseline, measured in the same run; targets are issue 6's."
         if any(c.interval for c in self.comparisons):
-            legend += " In parentheses: the ratio's 95 % paired-bootstrap interval."
+            legend += " In parentheses: the ratio's 95 % interval (jackknife over prompts and reference images)."
         lines += ["", legend, ""]
         if self.notes:
             lines += ["## Notes", ""] + [f"- {note}" for note in self.notes] + [""]

@@ -25,7 +25,7 @@ import torch
 from imager.bench.measure import interleaved, median
 from imager.bench.models import diffusers_unet, imager_unet, random_batch, require_diffusers
 from imager.bench.report import Comparison
-from imager.bench.stats import bootstrap_fids, ratio_interval
+from imager.bench.stats import jackknife_fids, ratio_interval
 from imager.diffusion.schedule import NoiseSchedule
 from imager.evaluation.config import Evaluate
 from imager.models.config import UNetConfig
@@ -123,7 +123,7 @@ CONVERGED = "dpmpp_2m_converged"  # DPM-Solver++(2M) at the reference step count
 
 
 def bench_fid(base_model: Path, evaluator_path: Path, *, shards_dir: Path, cache_dir: Path, cfg: Evaluate, prompts: int,
-              steps: int, reference_steps: int, seeds: int, bootstrap: int = 0) -> list[Comparison]:
+              steps: int, reference_steps: int, seeds: int, interval: bool = True) -> list[Comparison]:
     """FID (evaluator) of the trained base model: each of :data:`FID_SAMPLERS` at ``steps`` vs DDPM at
     ``reference_steps``, and DPM-Solver++(2M) at ``steps`` vs itself at ``reference_steps`` (is it
     converged?), on the same held-out prompts, repeated over ``seeds`` noise seeds.
@@ -133,8 +133,8 @@ def bench_fid(base_model: Path, evaluator_path: Path, *, shards_dir: Path, cache
     is rank-deficient below the feature dimension, so one FID over all the samples is a tighter
     statistic than the median of per-seed FIDs, each from ``prompts`` samples. The per-seed values and their median are in
     the details, with the RMS pixel difference between the ``steps`` and the ``reference_steps`` ODE
-    images of the same noise. With ``bootstrap`` draws, each row's ratio gets its 95 % paired-bootstrap
-    interval over prompts and reference images (:mod:`imager.bench.stats`)."""
+    images of the same noise. With ``interval``, each row's ratio gets its 95 % interval from a paired
+    delete-one jackknife over prompts and reference images (:mod:`imager.bench.stats`)."""
     from imager.cascade import Cascade
     from imager.evaluation.config import Backbones
     from imager.evaluation.evaluator import load_evaluator
@@ -175,16 +175,16 @@ def bench_fid(base_model: Path, evaluator_path: Path, *, shards_dir: Path, cache
                "model": str(base_model), **results}
     intervals: dict[tuple[str, str], tuple[float, float]] = {}
     pairs = [*((name, "ddpm") for name in FID_SAMPLERS), ("dpmpp_2m", CONVERGED)]
-    if bootstrap:
+    if interval:
         def features(images: Tensor) -> Tensor:  # what the Scorer's FID sees: evaluator(area-downsampled images)
             with torch.inference_mode():
                 return torch.cat([evaluator(b) for b in downsample(images, cascade.base.resolution).split(cfg.batch_size)])
 
-        draws = bootstrap_fids(features(data.reference), {name: features(torch.cat(pooled[name])) for name in runs},
-                               clusters=n, draws=bootstrap, seed=cfg.seed)
-        intervals = {(a, b): ratio_interval(draws[a], draws[b]) for a, b in pairs}
-        details["bootstrap"] = {"draws": bootstrap, "level": 0.95, "resampled": "the prompts (each with its images from every seed) "
-                                "and, independently, the reference images; one draw for every sampler (paired)"}
+        jack = jackknife_fids(features(data.reference), {name: features(torch.cat(pooled[name])) for name in runs}, clusters=n)
+        intervals = {(a, b): ratio_interval(jack[a], jack[b]) for a, b in pairs}
+        details["interval"] = {"level": 0.95, "method": "delete-one jackknife, paired: each reference image and each prompt "
+                               "(with its images from every seed) left out in turn, every sampler on the same leave-out; "
+                               "ratio ± 1.96 standard errors"}
     rows = [
         Comparison(key, f"Sampling quality, {label}, evaluator FID (lower is better)", "FID", f"{label}, {steps} steps",
                    results[name]["fid_evaluator"], f"DDPM, {reference_steps} steps", results["ddpm"]["fid_evaluator"],

@@ -1,20 +1,28 @@
-"""How sure a FID ratio is: a paired bootstrap over prompts and reference images.
+"""How sure a FID ratio is: a delete-one jackknife over prompts and reference images.
 
 A FID from a few hundred images moves with the draw of prompts, noise and reference images as much
-as with the sampler. ``imager bench --fid`` therefore gives each FID ratio an interval: every
-bootstrap draw resamples the prompts (each drawn prompt brings its images from every noise seed) and,
-independently, the reference images, and scores every sampler on that same draw, so the per-draw
-ratios keep the pairing of the comparison (same prompts, same noise). The interval is the central
-``level`` share of those ratios (the percentile bootstrap, Efron & Tibshirani 1993, ch. 13).
+as with the sampler. ``imager bench --fid`` therefore gives each FID ratio an interval. The ratio is
+recomputed with one reference image left out, for each reference image, and with one prompt left
+out (all its images, one per noise seed), for each prompt, every sampler on the same leave-out
+(paired). The two-sample jackknife variance (Efron & Tibshirani 1993, ch. 11, one term per
+independent sample) gives a standard error, and the interval is ratio ± z·se.
+
+Why not the bootstrap: resampling with replacement repeats images, which adds FID's small-sample
+upward bias a second time and pulls every resampled ratio towards 1. In a Gaussian check (128
+features with a decaying spectrum, 200 vs 200 samples, true ratio 1.27) the bootstrap percentile
+interval held the expected ratio in 78 % of 60 trials, while this jackknife's standard error
+matched the ratio's true spread (0.078 vs 0.076) and its 95 % interval held it in 95 % (docs/training.md).
 
 Glossary:
     reference   (N, F) evaluator features of the held-out images
     samples     name -> (M, F) features of one sampler's images, M = clusters × repeats, repeat-major:
                 row i belongs to cluster i % clusters (the bench's prompts, once per noise seed)
-    draws       bootstrap resamples
 """
 
 from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
 
 import torch
 
@@ -23,40 +31,58 @@ from imager.evaluation.metrics import frechet_distance_features
 Tensor = torch.Tensor
 
 
-def bootstrap_fids(reference: Tensor, samples: dict[str, Tensor], *, clusters: int, draws: int, seed: int = 0) -> dict[str, Tensor]:
-    """FID of every sample set against ``reference`` on ``draws`` paired bootstrap resamples: name -> (draws,).
+@dataclass(frozen=True)
+class Jackknife:
+    """One sample set's FID against the reference, and its leave-one-out recomputations."""
 
-    Each draw takes N reference rows with replacement, and ``clusters`` clusters with replacement with
-    all the rows of each, the same rows for every sample set. FIDs are torchmetrics' (the formula the
-    bench's point values use, :func:`imager.evaluation.metrics.frechet_distance_features`)."""
-    if clusters < 1 or draws < 1:
-        raise ValueError(f"bootstrap: clusters and draws must be >= 1, got {clusters} and {draws}")
+    fid: float  # on everything
+    without_reference: Tensor  # (N,) float64: reference row i left out
+    without_cluster: Tensor  # (clusters,) float64: every row of cluster j left out
+
+
+def jackknife_fids(reference: Tensor, samples: dict[str, Tensor], *, clusters: int) -> dict[str, Jackknife]:
+    """:class:`Jackknife` FIDs of every sample set against ``reference``, the same leave-outs for all.
+
+    FIDs are torchmetrics' (:func:`imager.evaluation.metrics.frechet_distance_features`, the formula
+    of the bench's point values)."""
+    n = reference.shape[0]
+    if clusters < 2 or n < 3:
+        raise ValueError(f"jackknife: needs >= 2 clusters and >= 3 reference rows, got {clusters} and {n}")
     for name, feats in samples.items():
         if feats.ndim != 2 or feats.shape[0] % clusters or feats.shape[1] != reference.shape[1]:
-            raise ValueError(f"bootstrap: {name}: expected ({clusters} × repeats, {reference.shape[1]}) features, got {tuple(feats.shape)}")
-    generator = torch.Generator().manual_seed(seed)
-    out = {name: torch.empty(draws, dtype=torch.float64) for name in samples}
-    n = reference.shape[0]
-    for d in range(draws):
-        ref_rows = torch.randint(n, (n,), generator=generator)
-        picked = torch.randint(clusters, (clusters,), generator=generator)
-        for name, feats in samples.items():
-            repeats = feats.shape[0] // clusters
-            rows = (picked[None, :] + clusters * torch.arange(repeats)[:, None]).reshape(-1)  # every repeat of each pick
-            out[name][d] = frechet_distance_features(reference[ref_rows], feats[rows])
+            raise ValueError(f"jackknife: {name}: expected ({clusters} × repeats, {reference.shape[1]}) features, got {tuple(feats.shape)}")
+    out = {}
+    for name, feats in samples.items():
+        cluster_of = torch.arange(feats.shape[0]) % clusters
+        out[name] = Jackknife(
+            fid=frechet_distance_features(reference, feats),
+            without_reference=torch.tensor([frechet_distance_features(reference[torch.arange(n) != i], feats) for i in range(n)],
+                                           dtype=torch.float64),
+            without_cluster=torch.tensor([frechet_distance_features(reference, feats[cluster_of != j]) for j in range(clusters)],
+                                         dtype=torch.float64),
+        )
     return out
 
 
-def ratio_interval(ours: Tensor, theirs: Tensor, level: float = 0.95) -> tuple[float, float]:
-    """The central ``level`` interval of the paired ratios ``ours / theirs`` (percentile bootstrap)."""
-    if ours.shape != theirs.shape or ours.ndim != 1 or ours.numel() < 2:
-        raise ValueError(f"ratio_interval: expected two equal (draws >= 2,) tensors, got {tuple(ours.shape)} and {tuple(theirs.shape)}")
+def _jackknife_variance(values: Tensor) -> float:
+    """Delete-one jackknife variance of a statistic from its m leave-one-out values: (m−1)/m · Σ (θ_i − θ̄)²."""
+    m = values.numel()
+    return (m - 1) / m * (values - values.mean()).pow(2).sum().item()
+
+
+def ratio_standard_error(ours: Jackknife, theirs: Jackknife) -> float:
+    """Jackknife standard error of ours.fid / theirs.fid: the reference's and the prompts' terms added."""
+    return (_jackknife_variance(ours.without_reference / theirs.without_reference)
+            + _jackknife_variance(ours.without_cluster / theirs.without_cluster)) ** 0.5
+
+
+def ratio_interval(ours: Jackknife, theirs: Jackknife, level: float = 0.95) -> tuple[float, float]:
+    """ours.fid / theirs.fid ± z·se, z the normal quantile of ``level`` (1.96 at 95 %)."""
     if not 0 < level < 1:
         raise ValueError(f"ratio_interval: level must be in (0, 1), got {level}")
-    ratios = ours.double() / theirs.double()
-    tail = (1 - level) / 2
-    low, high = torch.quantile(ratios, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    return low, high
+    ratio, z = ours.fid / theirs.fid, statistics.NormalDist().inv_cdf((1 + level) / 2)
+    se = ratio_standard_error(ours, theirs)
+    return ratio - z * se, ratio + z * se
 
 
-__all__ = ["bootstrap_fids", "ratio_interval"]
+__all__ = ["Jackknife", "jackknife_fids", "ratio_interval", "ratio_standard_error"]

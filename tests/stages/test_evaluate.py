@@ -271,8 +271,7 @@ def test_bench_fid_compares_the_pooled_fid_over_seeds_of_the_named_samplers(data
 
     base, ev = cascade["base"] / "model.safetensors", cascade["evaluator"] / "evaluator.safetensors"
     cfg = config.load(cascade["params"]).evaluate
-    rows = bench_fid(base, ev, shards_dir=data["shards"], cache_dir=data["emb"], cfg=cfg, prompts=4, steps=2, reference_steps=5, seeds=3,
-                     bootstrap=40)
+    rows = bench_fid(base, ev, shards_dir=data["shards"], cache_dir=data["emb"], cfg=cfg, prompts=4, steps=2, reference_steps=5, seeds=3)
     assert [r.key for r in rows] == ["sampling_fid", "sampling_fid_sde", "sampling_convergence"]
     details = rows[0].details
     assert details["prompts"] == 4 and details["seeds"] == [cfg.seed, cfg.seed + 4, cfg.seed + 8]
@@ -307,19 +306,20 @@ def test_bench_fid_compares_the_pooled_fid_over_seeds_of_the_named_samplers(data
         assert row.ratio == pytest.approx(row.ours / row.theirs) and row.target == ("<=", 1.05)
     assert len(set(details["ddpm"]["fid_evaluator_per_seed"])) == 3  # different noise, different samples
 
-    # the intervals: the bootstrap of the evaluator features of exactly these images and the held-out reference
-    from imager.bench.stats import bootstrap_fids, ratio_interval
+    # the intervals: the jackknife of the evaluator features of exactly these images and the held-out reference
+    from imager.bench.stats import jackknife_fids, ratio_interval
     from imager.training.tasks import downsample
 
     evaluator = load_evaluator(ev)
     with torch.inference_mode():
         feats = {name: evaluator(downsample(torch.cat(images[name]), c.base.resolution)) for name in runs}
         ref = evaluator(downsample(held.reference, c.base.resolution))
-    draws = bootstrap_fids(ref, feats, clusters=4, draws=40, seed=cfg.seed)
-    assert details["bootstrap"]["draws"] == 40
+    jack = jackknife_fids(ref, feats, clusters=4)
+    assert "jackknife" in details["interval"]["method"]
     for row, (ours, theirs) in zip(rows, pairs, strict=True):
-        assert row.interval == pytest.approx(ratio_interval(draws[ours], draws[theirs]), rel=1e-5)
-        assert row.interval[0] < row.interval[1]
+        assert row.interval == pytest.approx(ratio_interval(jack[ours], jack[theirs]), rel=1e-5)
+        low, high = row.interval
+        assert low < row.ratio < high and (low + high) / 2 == pytest.approx(row.ratio, rel=1e-5)
     assert details["dpmpp_2m"]["rms_to_converged"] == statistics.median(details["dpmpp_2m"]["rms_to_converged_per_seed"])
 
 
@@ -337,5 +337,5 @@ def test_bench_fid_alone_reports_the_three_rows_and_the_convergence_note(data, c
     assert f"Convergence: the RMS pixel difference between DPM-Solver++(2M)'s 2- and 5-step images of the same noise is {rms:.3f}" in (
         "\n".join(report.notes))
     assert "| Sampling convergence, DPM-Solver++(2M) vs its own many-step solution" in report.markdown()
-    assert all(c.interval is not None and c.interval[0] < c.interval[1] for c in report.comparisons)  # quick: 20 draws
-    assert "FID intervals: 20 paired bootstrap draws" in "\n".join(report.notes)
+    assert all(c.interval is not None and c.interval[0] < c.ratio < c.interval[1] for c in report.comparisons)
+    assert "FID intervals: ratio ± 1.96 jackknife standard errors" in "\n".join(report.notes)
