@@ -56,7 +56,6 @@ class BenchSettings:
     fid_steps: int = 20
     fid_reference_steps: int = 1000
     fid_seeds: int = 3  # noise seeds of the FID comparison (their images scored together)
-    fid_interval: bool = True  # the FID ratios' 95 % jackknife intervals
     quality: str | None = None  # DVC experiment trained with arch: diffusers (quality at equal compute)
     quality_ours: str = "workspace"  # the experiment it is compared with
     seed: int = 0
@@ -141,16 +140,15 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
         if s.fid:
             comparisons += bench_fid(paths.base_model, paths.evaluator, shards_dir=paths.shards, cache_dir=paths.embeddings,
                                      cfg=evaluate, prompts=s.fid_prompts, steps=s.fid_steps, reference_steps=s.fid_reference_steps,
-                                     seeds=s.fid_seeds, interval=s.fid_interval)
+                                     seeds=s.fid_seeds)
             fid = comparisons[-1].details
             notes.append(f"FID: the trained base model on {device.type.upper()} (imager.cascade), evaluator features; "
                          f"{fid['prompts']} held-out prompts × {s.fid_seeds} noise seeds = {fid['samples']} images per sampler, "
                          f"scored together against the {fid['reference_images']} held-out images (per-seed FIDs and their "
                          "median in the JSON).")
-            if s.fid_interval:
-                notes.append("FID intervals: ratio ± 1.96 jackknife standard errors, each reference image and each prompt (with "
-                             "its images from every seed) left out in turn, every sampler on the same leave-out (paired); the "
-                             "bootstrap's resampled FIDs carry the small-sample bias twice (docs/training.md).")
+            notes.append("FID intervals: ratio ± 1.96 jackknife standard errors, each reference image and each prompt (with "
+                         "its images from every seed) left out in turn, every sampler on the same leave-out (paired); the "
+                         "bootstrap's resampled FIDs carry the small-sample bias twice (docs/training.md).")
             notes.append(f"Convergence: the RMS pixel difference between DPM-Solver++(2M)'s {s.fid_steps}- and "
                          f"{s.fid_reference_steps}-step images of the same noise is "
                          f"{fid['dpmpp_2m']['rms_to_converged']:.3f} (median over the seeds; images in [-1, 1]).")

@@ -123,7 +123,7 @@ CONVERGED = "dpmpp_2m_converged"  # DPM-Solver++(2M) at the reference step count
 
 
 def bench_fid(base_model: Path, evaluator_path: Path, *, shards_dir: Path, cache_dir: Path, cfg: Evaluate, prompts: int,
-              steps: int, reference_steps: int, seeds: int, interval: bool = True) -> list[Comparison]:
+              steps: int, reference_steps: int, seeds: int) -> list[Comparison]:
     """FID (evaluator) of the trained base model: each of :data:`FID_SAMPLERS` at ``steps`` vs DDPM at
     ``reference_steps``, and DPM-Solver++(2M) at ``steps`` vs itself at ``reference_steps`` (is it
     converged?), on the same held-out prompts, repeated over ``seeds`` noise seeds.
@@ -133,8 +133,8 @@ def bench_fid(base_model: Path, evaluator_path: Path, *, shards_dir: Path, cache
     is rank-deficient below the feature dimension, so one FID over all the samples is a tighter
     statistic than the median of per-seed FIDs, each from ``prompts`` samples. The per-seed values and their median are in
     the details, with the RMS pixel difference between the ``steps`` and the ``reference_steps`` ODE
-    images of the same noise. With ``interval``, each row's ratio gets its 95 % interval from a paired
-    delete-one jackknife over prompts and reference images (:mod:`imager.bench.stats`)."""
+    images of the same noise. Each row's ratio gets its 95 % interval from a paired delete-one
+    jackknife over prompts and reference images (:mod:`imager.bench.stats`)."""
     from imager.cascade import Cascade
     from imager.evaluation.config import Backbones
     from imager.evaluation.evaluator import load_evaluator
@@ -173,26 +173,24 @@ def bench_fid(base_model: Path, evaluator_path: Path, *, shards_dir: Path, cache
     details = {"prompts": n, "samples": n * seeds, "reference_images": int(data.reference.shape[0]), "guidance": cfg.base.guidance,
                "seeds": seed_list, "statistic": "FID of the images of all seeds together (fid_evaluator); per seed and their median too",
                "model": str(base_model), **results}
-    intervals: dict[tuple[str, str], tuple[float, float]] = {}
-    pairs = [*((name, "ddpm") for name in FID_SAMPLERS), ("dpmpp_2m", CONVERGED)]
-    if interval:
-        def features(images: Tensor) -> Tensor:  # what the Scorer's FID sees: evaluator(area-downsampled images)
-            with torch.inference_mode():
-                return torch.cat([evaluator(b) for b in downsample(images, cascade.base.resolution).split(cfg.batch_size)])
+    def features(images: Tensor) -> Tensor:  # what the Scorer's FID sees: evaluator(area-downsampled images)
+        with torch.inference_mode():
+            return torch.cat([evaluator(b) for b in downsample(images, cascade.base.resolution).split(cfg.batch_size)])
 
-        jack = jackknife_fids(features(data.reference), {name: features(torch.cat(pooled[name])) for name in runs}, clusters=n)
-        intervals = {(a, b): ratio_interval(jack[a], jack[b]) for a, b in pairs}
-        details["interval"] = {"level": 0.95, "method": "delete-one jackknife, paired: each reference image and each prompt "
-                               "(with its images from every seed) left out in turn, every sampler on the same leave-out; "
-                               "ratio ± 1.96 standard errors"}
+    jack = jackknife_fids(features(data.reference), {name: features(torch.cat(pooled[name])) for name in runs}, clusters=n)
+    pairs = [*((name, "ddpm") for name in FID_SAMPLERS), ("dpmpp_2m", CONVERGED)]
+    intervals = {(a, b): ratio_interval(jack[a], jack[b]) for a, b in pairs}
+    details["interval"] = {"level": 0.95, "method": "delete-one jackknife, paired: each reference image and each prompt "
+                           "(with its images from every seed) left out in turn, every sampler on the same leave-out; "
+                           "ratio ± 1.96 standard errors"}
     rows = [
         Comparison(key, f"Sampling quality, {label}, evaluator FID (lower is better)", "FID", f"{label}, {steps} steps",
                    results[name]["fid_evaluator"], f"DDPM, {reference_steps} steps", results["ddpm"]["fid_evaluator"],
-                   interval=intervals.get((name, "ddpm")), details=details)
+                   interval=intervals[name, "ddpm"], details=details)
         for name, (key, label) in FID_SAMPLERS.items()
     ]
     rows.append(Comparison("sampling_convergence", "Sampling convergence, DPM-Solver++(2M) vs its own many-step solution, "
                            "evaluator FID (lower is better)", "FID", f"{steps} steps", results["dpmpp_2m"]["fid_evaluator"],
                            f"{reference_steps} steps", results[CONVERGED]["fid_evaluator"],
-                           interval=intervals.get(("dpmpp_2m", CONVERGED)), details=details))
+                           interval=intervals["dpmpp_2m", CONVERGED], details=details))
     return rows

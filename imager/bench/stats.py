@@ -9,7 +9,7 @@ independent sample) gives a standard error, and the interval is ratio ± z·se.
 
 Why not the bootstrap: resampling with replacement repeats images, which adds FID's small-sample
 upward bias a second time and pulls every resampled ratio towards 1. In a Gaussian check (128
-features with a decaying spectrum, 200 vs 200 samples, true ratio 1.27) the bootstrap percentile
+features with a decaying spectrum, 200 vs 200 samples, expected ratio 1.27) the bootstrap percentile
 interval held the expected ratio in 78 % of 60 trials, while this jackknife's standard error
 matched the ratio's true spread (0.078 vs 0.076) and its 95 % interval held it in 95 % (docs/training.md).
 
