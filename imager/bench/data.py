@@ -1,10 +1,13 @@
-"""Comparison 4: the webdataset ShardLoader vs a folder of PNG files read with PIL.
+"""Comparison 4: the webdataset ShardLoader vs a folder of PNG files.
 
-Both sides decode the same PNG bytes the same way (PIL -> RGB uint8 -> (3, H, W) tensor, as
-ShardLoader does) into batches of the same size, in one process (``num_workers=0``, the params
-default). The folder holds the shards' own PNGs, written to a temporary directory first; both are
-read from the page cache once warm (the first rounds are warm-up). Without shards (no index.json),
-a small synthetic shard set is made with :func:`imager.data.shard.shard` so the benchmark still runs.
+Both sides read the same PNG bytes into batches of the same size, in one process
+(``num_workers=0``, the params default), and decode them the same way (the loader's
+:func:`imager.data.images.decode_png`, Pillow), so the ratio is the container's: an indexed tar
+shard vs one file per sample. The folder holds the shards' own PNGs, written to a temporary
+directory first; both are read from the page cache once warm (the first rounds are warm-up, which
+also build the shard index, as the folder side's file list is built before timing).
+Without shards (no index.json), a small synthetic shard set is made with
+:func:`imager.data.shard.shard` so the benchmark still runs.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from PIL import Image
 from imager.bench.measure import interleaved, median
 from imager.bench.report import Comparison
 from imager.config import Shard
+from imager.data.images import decode_png
 from imager.data.shard import INDEX, shard, shard_paths
 from imager.training.loader import ShardLoader
 
@@ -37,13 +41,6 @@ class Sample:
     key: str
     caption: str
     png: bytes
-
-
-def decode_png(data: bytes) -> torch.Tensor:
-    """PNG bytes -> (3, H, W) uint8, the decode ShardLoader does for every sample."""
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
 def synthetic_shards(out: Path, *, count: int, resolution: int, seed: int) -> Path:
@@ -115,7 +112,7 @@ def bench_data(shards_dir: Path, tmp: Path, *, batch_size: int, batches: int, sh
         for _ in range(batches):
             chunk = [next(file_stream) for _ in range(batch_size)]
             keys = [p.stem for p in chunk]
-            images = torch.stack([decode_png(p.read_bytes()) for p in chunk])  # (B, 3, H, W) uint8
+            images = torch.stack([decode_png(p.read_bytes(), p.name) for p in chunk])  # (B, 3, H, W) uint8
             assert len(keys) == images.shape[0]
 
     times = interleaved({"shards": from_shards, "folder": from_folder}, repeats=repeats, warmup=warmup,
@@ -129,7 +126,8 @@ def bench_data(shards_dir: Path, tmp: Path, *, batch_size: int, batches: int, sh
         "resolution": loader.resolution,
         "distinct_png_files": len(files),
         "seconds_per_round": {n: {"median": median(t), "all": t} for n, t in times.items()},
-        "decode": "PIL PNG -> RGB uint8 -> (3, H, W) tensor, stacked per batch, both",
+        "decode": "imager.data.images.decode_png (Pillow) -> (3, H, W) uint8 RGB, stacked per batch, both sides",
+        "shard_index": "one tarfile pass per shard, cached per process, built in the warm-up rounds",
     }
     return Comparison("data_loading", "Data loading, PNG decode", "samples/s", "webdataset ShardLoader", per_round / median(times["shards"]),
                       "PNG folder + PIL", per_round / median(times["folder"]), details=details)

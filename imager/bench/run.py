@@ -172,6 +172,9 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
             if "data" in s.only:
                 comparisons.append(bench_data(shards, tmp_path, batch_size=s.batch_size, batches=s.data_batches,
                                               shuffle_buffer=s.shuffle_buffer, repeats=s.repeats, warmup=s.warmup, seed=s.seed))
+                notes.append("Data loading: both sides decode with imager.data.images.decode_png (Pillow), so the ratio is "
+                             "the container's: a tar shard read through its index (one tarfile pass per shard, cached, built "
+                             "in the warm-up rounds) vs a file per sample.")
     if s.quality is not None and "quality" in s.only:
         from imager.bench.quality import dvc_experiments, quality_at_equal_compute
 

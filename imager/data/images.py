@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageOps
 
 from imager.config import Shard
+from imager.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 NORMAL_MODES = {"RGB", "RGBA", "L", "LA"}  # decoded without loss of meaning to RGB on white
 RESAMPLE = {
@@ -78,6 +83,19 @@ def decode(data: bytes, cfg: Shard) -> tuple[Image.Image, str | None]:
 def square(im: Image.Image, size: int, resample: str) -> Image.Image:
     """Resize the short side to ``size`` and centre-crop to ``size``²."""
     return ImageOps.fit(im, (size, size), method=RESAMPLE[resample], centering=(0.5, 0.5))
+
+
+def decode_png(data: bytes, name: str = "PNG") -> torch.Tensor:
+    """A shard's PNG bytes (8-bit RGB, :func:`encode_png`) -> (3, H, W) uint8 RGB."""
+    import numpy as np
+    import torch
+
+    try:
+        with Image.open(io.BytesIO(data), formats=("PNG",)) as im:  # no format probing
+            arr = np.array(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)  # (H, W, 3), owned
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{name}: not a decodable PNG ({e}); shard again") from e
+    return torch.from_numpy(arr).permute(2, 0, 1)
 
 
 def encode_png(im: Image.Image) -> bytes:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from imager.config import Shard
 from imager.data.download import MANIFEST
-from imager.data.images import Rejected, decode, encode_png, square
+from imager.data.images import Rejected, decode, decode_png, encode_png, square
 from imager.errors import DataError
 from imager.io import atomic_dir, atomic_write_json, read_jsonl
 
@@ -126,18 +126,13 @@ def shard_paths(shards_dir: Path, split: str) -> list[Path]:
 def read_samples(shards: Sequence[Path | str], limit: int | None = None) -> tuple[list[str], list[str], Any]:
     """(keys, captions, uint8 images (N, 3, S, S)) of the first ``limit`` samples (all when None)
     of the given shards, in shard order."""
-    import io
-
-    import numpy as np
     import torch
     import webdataset as wds
-    from PIL import Image
 
     keys, captions, images = [], [], []
     if shards and limit != 0:
         for s in wds.WebDataset([str(p) for p in shards], shardshuffle=False, empty_check=False):
-            with Image.open(io.BytesIO(s["png"])) as im:
-                images.append(torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1))
+            images.append(decode_png(s["png"], s["__key__"]))
             keys.append(s["__key__"])
             captions.append(s["txt"].decode("utf-8"))
             if len(keys) == limit:

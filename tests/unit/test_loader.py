@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import itertools
+import os
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from imager import config
 from imager.data.shard import shard
 from imager.errors import DataError
-from imager.training.loader import ShardLoader
+from imager.data.images import decode_png
+from imager.training.loader import ShardLoader, epoch_stream, read_shard
 from tests.conftest import make_download, png_bytes
 
 N = 37  # samples: not a multiple of anything below, so epochs straddle batches
@@ -79,3 +85,69 @@ def test_too_small_split_for_the_batch_is_a_clear_error(shards):
         next(iter(make(shards, batch_size=64)))
     with pytest.raises(DataError, match="the val split is empty"):
         ShardLoader(shards, "val", batch_size=1, seed=0)
+
+
+# ------------------------------------------------------------------ the indexed shard reader
+
+
+def webdataset_stream(spec, epoch: int) -> list[tuple[str, bytes]]:
+    """The stream as webdataset itself reads it: the same shard order and shuffle, tar parsed every time."""
+    import random
+
+    import webdataset as wds
+
+    rng = random.Random(f"{spec.seed}:{epoch}")
+    paths = list(spec.shards)
+    rng.shuffle(paths)
+    raw = iter(wds.WebDataset(paths, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None))
+    raw = wds.filters.shuffle(bufsize=spec.shuffle_buffer, initial=spec.shuffle_buffer, rng=rng)(raw)
+    return [(s["__key__"], s["png"]) for s in raw]
+
+
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_indexed_stream_is_webdatasets_sample_for_sample(shards, epoch):
+    spec = make(shards).spec
+    ours = [(s["__key__"], s["png"]) for s in epoch_stream(spec, epoch)]
+    assert len(ours) == N
+    assert ours == webdataset_stream(spec, epoch)
+
+
+def test_batches_decode_the_shard_pngs(shards):
+    spec = make(shards).spec
+    pngs = dict(webdataset_stream(spec, 0))
+    batch = next(iter(make(shards)))
+    for key, image in zip(batch["keys"], batch["images"]):
+        with Image.open(io.BytesIO(pngs[key])) as im:
+            assert torch.equal(image, torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1))
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_rewritten_shard_is_indexed_again(tmp_path):
+    path = tmp_path / "s.tar"
+    write_tar(path, {"a.png": b"first", "a.txt": b"x", "b.png": b"2"})
+    assert [(s["__key__"], s["png"]) for s in read_shard(str(path))] == [("a", b"first"), ("b", b"2")]
+    write_tar(path, {"c.txt": b"y", "c.png": b"third!", "__meta__": b"skipped"})
+    os.utime(path, ns=(1, 1))  # a new mtime even on coarse clocks
+    assert [(s["__key__"], s["png"]) for s in read_shard(str(path))] == [("c", b"third!")]
+
+
+def test_bad_shards_are_clear_errors(tmp_path):
+    no_png = tmp_path / "no_png.tar"
+    write_tar(no_png, {"a.png": b"1", "b.txt": b"caption", "b.json": b"{}"})
+    with pytest.raises(DataError, match=r"no_png.tar: sample 'b' has no .png"):
+        list(read_shard(str(no_png)))
+    not_tar = tmp_path / "not.tar"
+    not_tar.write_bytes(b"\x00garbage" * 200)
+    with pytest.raises(DataError, match="not.tar: not a readable tar shard"):
+        list(read_shard(str(not_tar)))
+    with pytest.raises(DataError, match="key-7: not a decodable PNG"):
+        decode_png(b"\x89PNG but not really", "key-7")
+    with pytest.raises(DataError, match="gone.tar: cannot read the shard"):
+        list(read_shard(str(tmp_path / "gone.tar")))
