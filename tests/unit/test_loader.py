@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from imager import config
+from imager.data.images import decode_png
 from imager.data.shard import shard
 from imager.errors import DataError
-from imager.data.images import decode_png
 from imager.training.loader import ShardLoader, epoch_stream, read_shard
 from tests.conftest import make_download, png_bytes
 
