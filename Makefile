@@ -5,7 +5,7 @@ VENV   ?= .venv
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install repro test mlflow-ui clean-venv
+.PHONY: install repro test bench mlflow-ui clean-venv
 
 install: $(STAMP)
 
@@ -20,6 +20,9 @@ repro: install            ## run the whole DVC pipeline on the embedded default 
 
 test: install             ## run the test suite
 	python -m pytest
+
+bench: install            ## run the benchmarks into benchmarks/results/ (options: make bench ARGS="--fid --publish")
+	python -m benchmarks $(ARGS)
 
 mlflow-ui: install        ## browse the MLflow runs of this project
 	mlflow ui --backend-store-uri sqlite:///mlflow.db

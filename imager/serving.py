@@ -1,11 +1,13 @@
 """The cascade as one MLflow model (pyfunc): base + SR weights, the text encoder's params and the
-sampling defaults, so that
+sampling settings of the evaluation, so that
 
     model = mlflow.pyfunc.load_model("runs:/<run id>/cascade")
     images = model.predict(["red apple"])                          # (1, 64, 64, 3) uint8
-    images = model.predict(["red apple"], params={"seed": 3, "steps": 50})
+    images = model.predict(["red apple"], params={"seed": 3, "steps": 50, "negative_prompt": "blurry"})
+    images = model.predict(pd.DataFrame({"prompt": ["red apple"], "negative_prompt": ["green"]}))
 
-works anywhere Imager is installed. The evaluate stage logs it (``StageRun.log_cascade``).
+works anywhere Imager is installed. It samples on CUDA when torch sees a GPU, else on the CPU.
+The evaluate stage logs it (``StageRun.log_cascade``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 
-from imager.config import Params
+from imager.inference.config import CascadeSampling
 
 CONFIG = "cascade.json"
 MODEL_CODE = """\
@@ -27,38 +29,47 @@ from imager.serving import CascadeModel
 
 mlflow.models.set_model(CascadeModel())
 """
-# Per-call options of predict(params=...): name -> (type, MLflow type name)
-OPTIONS: dict[str, tuple[type, str]] = {
-    "sampler": (str, "string"),
-    "steps": (int, "long"),
-    "guidance": (float, "double"),
-    "sr_steps": (int, "long"),
-    "sr_guidance": (float, "double"),
-    "seed": (int, "long"),
-    "batch_size": (int, "long"),
+# Per-call options of predict(params=...): name -> MLflow type. The sampling ones are the flat names
+# of imager.inference.config.OVERRIDES; negative_prompt applies to every prompt of the call.
+OPTIONS: dict[str, str] = {
+    "sampler": "string",
+    "steps": "long",
+    "guidance": "double",
+    "threshold": "string",
+    "percentile": "double",
+    "sr_steps": "long",
+    "sr_guidance": "double",
+    "seed": "long",
+    "batch_size": "long",
+    "negative_prompt": "string",
 }
 
 
-def sampling_defaults(p: Params) -> dict[str, Any]:
-    """The evaluation's sampling settings: what the model and `imager generate` use by default."""
-    e = p.evaluate
+def option_defaults(sampling: CascadeSampling) -> dict[str, Any]:
+    """The default of each per-call option: the logged sampling settings."""
+    base, sr = sampling.base, sampling.sr
     return {
-        "sampler": p.sampler, "steps": e.base.steps, "guidance": e.base.guidance, "sr_steps": e.sr.steps,
-        "sr_guidance": e.sr.guidance, "aug_level": e.sr.aug_level, "seed": e.seed, "batch_size": e.batch_size,
+        "sampler": sampling.sampler, "steps": base.steps, "guidance": base.guidance, "threshold": base.threshold,
+        "percentile": base.percentile, "sr_steps": sr.steps, "sr_guidance": sr.guidance, "seed": sampling.seed,
+        "batch_size": sampling.batch_size, "negative_prompt": "",
     }
 
 
-def prompts_of(model_input: Any) -> list[str]:
-    """A list of prompts from what pyfunc passes: a list/array of strings, a string, or a
-    DataFrame (its ``prompt`` column, else its only column)."""
+def prompts_of(model_input: Any) -> tuple[list[str], list[str] | None]:
+    """(prompts, negative prompts or None) from what pyfunc passes: a list/array of strings, a
+    string, or a DataFrame (its ``prompt`` column, else its first column; and an optional
+    ``negative_prompt`` column, one per prompt)."""
     import pandas as pd
 
     if isinstance(model_input, str):
-        return [model_input]
+        return [model_input], None
     if isinstance(model_input, pd.DataFrame):
         column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
-        return [str(v) for v in model_input[column].tolist()]
-    return [str(v) for v in list(model_input)]
+        negative = None
+        if "negative_prompt" in model_input.columns:
+            negative = ["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in model_input["negative_prompt"].tolist()]
+        return [str(v) for v in model_input[column].tolist()], negative
+    return [str(v) for v in list(model_input)], None
 
 
 # No type hints on predict: MLflow would replace our signature (and its params schema, the per-call
@@ -67,36 +78,38 @@ class CascadeModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: prompts in, uint8 images (N, H, W, 3) out."""
 
     def load_context(self, context) -> None:
-        from imager.cascade import Cascade
-        from imager.config import Embed
-        from imager.text.base import load_text_encoder
+        from imager.inference import Cascade
+        from imager.text import load_text_encoder
+        from imager.text.config import Embed
 
         cfg = json.loads(Path(context.artifacts["config"]).read_text(encoding="utf-8"))
-        self.cascade = Cascade.load(context.artifacts["base"], context.artifacts["sr"])
+        self.cascade = Cascade.load(context.artifacts["base"], context.artifacts["sr"], device="auto")
         self.encoder = load_text_encoder(Embed.model_validate(cfg["embed"]))
         self.cascade.check_encoder(self.encoder)
-        self.defaults = cfg["sampling"]
+        self.sampling = CascadeSampling.model_validate(cfg["sampling"])
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
-        from imager.cascade import encode_prompts
-        from imager.training.tasks import to_uint8
+        from imager.inference.cascade import encode_prompts, encode_negative
+        from imager.inference.config import with_overrides
+        from imager.inference.images import to_hwc
 
-        s = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
-        cond, _ = encode_prompts(self.encoder, prompts_of(model_input))
-        _, sr = self.cascade.generate(
-            cond, sampler=s["sampler"], base_steps=int(s["steps"]), base_guidance=float(s["guidance"]),
-            sr_steps=int(s["sr_steps"]), sr_guidance=float(s["sr_guidance"]), aug_level=float(s["aug_level"]),
-            seed=int(s["seed"]), batch_size=int(s["batch_size"]),
-        )
-        return to_uint8(sr).permute(0, 2, 3, 1).numpy()
+        params = {k: v for k, v in (params or {}).items() if v is not None}
+        negative_param = params.pop("negative_prompt", "")
+        sampling = with_overrides(self.sampling, params)
+        prompts, negatives = prompts_of(model_input)
+        cond, _ = encode_prompts(self.encoder, prompts)
+        negative = encode_negative(self.encoder, negatives if negatives is not None else [negative_param] * len(prompts))
+        _, sr = self.cascade.generate(cond, sampling, negative=negative)
+        return to_hwc(sr).numpy()
 
 
-def signature(defaults: dict[str, Any]):
-    """Input: strings (prompts); output: uint8 images; params: :data:`OPTIONS`."""
+def signature(sampling: CascadeSampling):
+    """Input: strings (prompts; a DataFrame may add negative_prompt); output: uint8 images; params: :data:`OPTIONS`."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-    params = ParamSchema([ParamSpec(name, kind, typ(defaults[name])) for name, (typ, kind) in OPTIONS.items()])
+    defaults = option_defaults(sampling)
+    params = ParamSchema([ParamSpec(name, kind, defaults[name]) for name, kind in OPTIONS.items()])
     return ModelSignature(
         inputs=Schema([ColSpec("string")]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
@@ -113,7 +126,7 @@ def _pinned(package: str) -> str:
         return package
 
 
-def log_cascade(base: Path, sr: Path, *, embed: dict[str, Any], sampling: dict[str, Any], workdir: Path, name: str = "cascade"):
+def log_cascade(base: Path, sr: Path, *, embed: dict[str, Any], sampling: CascadeSampling, workdir: Path, name: str = "cascade"):
     """Log the cascade as a pyfunc model in the active MLflow run; returns its model info."""
     from importlib.metadata import PackageNotFoundError, requires
 
@@ -128,7 +141,7 @@ def log_cascade(base: Path, sr: Path, *, embed: dict[str, Any], sampling: dict[s
         reqs.append(_pinned("diffusers"))
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / CONFIG
-    config.write_text(json.dumps({"embed": embed, "sampling": sampling}, indent=2, sort_keys=True), encoding="utf-8")
+    config.write_text(json.dumps({"embed": embed, "sampling": sampling.model_dump(mode="json")}, indent=2, sort_keys=True), encoding="utf-8")
     code = workdir / "cascade_model.py"  # MLflow's models-from-code: the model is this code, not a pickle
     code.write_text(MODEL_CODE, encoding="utf-8")
     return mlflow.pyfunc.log_model(

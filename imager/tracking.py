@@ -9,6 +9,11 @@ its counts and timings as metrics and its report as an artifact, with these tags
     imager.dvc_exp_name   DVC_EXP_NAME, set by ``dvc exp run``
     imager.pipeline_run   an id shared by the stages of one pipeline run
 
+A run under ``dvc exp run`` is named ``<stage> · <experiment>`` so that the MLflow UI tells the
+experiments apart; the data a run read (shards, embedding cache) is logged as its dataset inputs,
+named by their DVC hash. The experiment is marked as a model-development one, so the UI opens on its
+runs. Metric names are made valid for MLflow (``[A-Za-z0-9_-. /:]``; anything else becomes ``_``).
+
 The store is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<project>/mlflow.db`` (the project
 is DVC_ROOT under DVC, else the working directory): the store ``mlflow ui`` opens in the project.
 """
@@ -19,6 +24,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import uuid
 from collections.abc import Iterator, Mapping
@@ -30,6 +36,48 @@ log = logging.getLogger(__name__)
 TAG_STAGE, TAG_COMMIT, TAG_DIRTY = "imager.stage", "imager.git_commit", "imager.git_dirty"
 TAG_EXP, TAG_PIPELINE = "imager.dvc_exp_name", "imager.pipeline_run"
 PIPELINE_ENV = "IMAGER_PIPELINE_RUN"
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI opens on runs, not on GenAI traces
+_INVALID_METRIC_CHARS = re.compile(r"[^A-Za-z0-9_\-. /:]")
+
+
+def metric_name(name: str) -> str:
+    """``name`` with every character MLflow rejects in a metric name replaced by ``_``."""
+    return _INVALID_METRIC_CHARS.sub("_", name)
+
+
+def run_name(stage: str) -> str:
+    """``<stage> · <DVC experiment>`` under ``dvc exp run``, else the stage."""
+    exp = os.environ.get("DVC_EXP_NAME")
+    return f"{stage} · {exp}" if exp else stage
+
+
+def dataset_digest(path: Path) -> str:
+    """The DVC hash of ``path`` (a DVC output of this project) as dvc.lock records it (``<md5>.dir`` for
+    a folder), when its recorded size and file count match what is on disk; else ``sha256-<28 hex>``
+    of its files' names and bytes. At most 36 characters, MLflow's limit for a dataset digest."""
+    import yaml
+
+    path = Path(path)
+    root = project_root()
+    try:
+        rel = path.resolve().relative_to(root.resolve()).as_posix()
+        lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8")) or {}
+    except (ValueError, OSError, yaml.YAMLError):
+        lock = {}
+        rel = None
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else ([path] if path.is_file() else [])
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            if out.get("path") == rel and out.get("md5"):
+                if out.get("nfiles", len(files)) == len(files) and out.get("size", -1) == sum(f.stat().st_size for f in files):
+                    return str(out["md5"])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(path).as_posix().encode() + b"\0" if path.is_dir() else b"")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return f"sha256-{h.hexdigest()[:28]}"
 
 
 def project_root() -> Path:
@@ -106,7 +154,7 @@ class StageRun:
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         if self.active:
-            numeric = {k: float(v) for k, v in flatten(metrics).items() if _is_number(v)}
+            numeric = {metric_name(k): float(v) for k, v in flatten(metrics).items() if _is_number(v)}
             self._mlflow.log_metrics(numeric, step=step)
 
     def log_dict(self, obj: Mapping[str, Any], name: str) -> None:
@@ -122,7 +170,7 @@ class StageRun:
         if self.active:
             self._mlflow.log_artifact(str(path), artifact_path=folder)
 
-    def log_cascade(self, base: Path, sr: Path, *, embed: Mapping[str, Any], sampling: Mapping[str, Any]) -> str | None:
+    def log_cascade(self, base: Path, sr: Path, *, embed: Mapping[str, Any], sampling: Any) -> str | None:
         """The cascade as a pyfunc model named ``cascade`` in this run; returns its model URI."""
         if not self.active:
             return None
@@ -131,7 +179,7 @@ class StageRun:
         from imager.serving import log_cascade
 
         with tempfile.TemporaryDirectory(prefix="imager-cascade-") as tmp:
-            info = log_cascade(Path(base), Path(sr), embed=dict(embed), sampling=dict(sampling), workdir=Path(tmp))
+            info = log_cascade(Path(base), Path(sr), embed=dict(embed), sampling=sampling, workdir=Path(tmp))
         log.info("cascade logged as MLflow model %s", info.model_uri)
         return info.model_uri
 
@@ -145,8 +193,18 @@ def _is_number(text: str) -> bool:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: Mapping[str, Any], *, experiment: str, enabled: bool = True) -> Iterator[StageRun]:
-    """An MLflow run for one stage; marked FAILED (and re-raised) if the stage raises."""
+def stage_run(
+    stage: str,
+    params: Mapping[str, Any],
+    *,
+    experiment: str,
+    enabled: bool = True,
+    datasets: Mapping[str, Path] | None = None,
+    context: str = "training",
+) -> Iterator[StageRun]:
+    """An MLflow run for one stage; marked FAILED (and re-raised) if the stage raises.
+
+    ``datasets`` (name -> path) are logged as the run's inputs with ``context`` (training, evaluation)."""
     if not enabled:
         yield StageRun(None)
         return
@@ -156,11 +214,24 @@ def stage_run(stage: str, params: Mapping[str, Any], *, experiment: str, enabled
         logging.getLogger(name).setLevel(logging.WARNING)
 
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=stage, tags=run_tags(stage)) as run:
+    exp = mlflow.set_experiment(experiment)
+    if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    with mlflow.start_run(run_name=run_name(stage), tags=run_tags(stage)) as run:
         flat = flatten(params)
         items = list(flat.items())
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i : i + 100]))
+        for name, path in (datasets or {}).items():
+            _log_dataset(mlflow, name, Path(path), context)
         log.info("mlflow run %s (%s) in %s", run.info.run_id, stage, tracking_uri())
         yield StageRun(mlflow)
+
+
+def _log_dataset(mlflow, name: str, path: Path, context: str) -> None:
+    """``path`` as a dataset input of the active run: its name, its DVC hash and where it lies."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    dataset = MetaDataset(LocalArtifactDatasetSource(str(Path(path).resolve())), name=name, digest=dataset_digest(path))
+    mlflow.log_input(dataset, context=context)

@@ -52,16 +52,29 @@ def load_params(path: Path) -> config.Params:
     return config.load(path)
 
 
-def finish(run: StageRun, report: dict[str, Any], report_path: Path, started: float, prefix: str = "") -> None:
+def finish(
+    run: StageRun, report: dict[str, Any], report_path: Path, started: float, prefix: str = "", timings: dict[str, float] | None = None
+) -> None:
     """Write the report (DVC metrics) and log it with the timing. A training stage passes
-    ``prefix="summary."`` so that its totals do not join the per-step curves of the same names."""
+    ``prefix="summary."`` so that its totals do not join the per-step curves of the same names.
+
+    ``timings`` (seconds, images/s) go to MLflow and the log only: the report is a hashed DVC output,
+    and keeping run times out of it lets two runs of the same pipeline write identical files."""
     atomic_write_json(report_path, report)
     seconds = time.perf_counter() - started
-    run.log_metrics({f"{prefix}{k}": v for k, v in {**report, "seconds": seconds}.items()})
-    run.log_dict(report, "report.json")
+    run.log_metrics({f"{prefix}{k}": v for k, v in {**report, **(timings or {}), "seconds": seconds}.items()})
+    run.log_dict({**report, "timings": {**(timings or {}), "seconds": seconds}}, "report.json")
     logging.getLogger("imager").info("report written to %s (%.1f s)", report_path, seconds)
 
 
-def tracked(stage: str, params: config.Params, sections: dict[str, Any]):
-    """The MLflow run of a stage, logging exactly the params sections the stage depends on."""
-    return stage_run(stage, sections, experiment=params.tracking.experiment, enabled=params.tracking.enabled)
+def split_timings(summary: dict[str, Any], *keys: str) -> tuple[dict[str, Any], dict[str, float]]:
+    """(the summary without ``keys``, those keys' values): what the report holds and what only MLflow gets."""
+    return {k: v for k, v in summary.items() if k not in keys}, {k: float(summary[k]) for k in keys if k in summary}
+
+
+def tracked(stage: str, params: config.Params, sections: dict[str, Any], datasets: dict[str, Path] | None = None, context: str = "training"):
+    """The MLflow run of a stage, logging exactly the params sections the stage depends on and the
+    ``datasets`` it reads (name -> path) as its inputs."""
+    return stage_run(
+        stage, sections, experiment=params.tracking.experiment, enabled=params.tracking.enabled, datasets=datasets, context=context
+    )

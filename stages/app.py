@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from stages.bench import bench
 from stages.download import download
 from stages.embed import embed
 from stages.evaluate import evaluate, train_evaluator
 from stages.generate import generate
+from stages.params import check_params
 from stages.shard import shard
 from stages.train import train_base, train_sr
 
@@ -16,8 +16,8 @@ app = typer.Typer(
     name="imager",
     help=(
         "Imager: text-to-image diffusion as a DVC pipeline.\n\n"
-        "Each command but `generate` is one stage of dvc.yaml: download -> shard -> embed -> "
-        "train-base, train-sr, train-evaluator -> evaluate. Run them all with `dvc repro`; params "
+        "Each command but `generate` is one stage of dvc.yaml: check-params, then download -> shard -> "
+        "embed -> train-base, train-sr, train-evaluator -> evaluate. Run them all with `dvc repro`; params "
         "live in params.yaml. `imager generate \"red apple\" --out apple.png` draws with the result."
     ),
     no_args_is_help=True,
@@ -25,6 +25,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
+app.command("check-params")(check_params)
 app.command()(download)
 app.command()(shard)
 app.command()(embed)
@@ -33,7 +34,6 @@ app.command("train-sr")(train_sr)
 app.command("train-evaluator")(train_evaluator)
 app.command()(evaluate)
 app.command()(generate)
-app.command()(bench)
 
 
 def main() -> None:

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from imager.data.download import MANIFEST, download as download_source
+from imager.data.download import download as download_source
+from imager.data.records import MANIFEST
 from stages._common import ParamsOption, finish, load_params, tracked, user_errors
 
 

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from stages._common import ParamsOption, finish, load_params, tracked, user_errors
+from stages._common import ParamsOption, finish, load_params, split_timings, tracked, user_errors
 
 ShardsOpt = Annotated[Path, typer.Option(help="Shard directory (with index.json).")]
 EmbOpt = Annotated[Path, typer.Option(help="Embedding cache directory (from `imager embed`).")]
@@ -23,7 +23,7 @@ def train_evaluator(
     shards: ShardsOpt,
     embeddings: EmbOpt,
     out: Annotated[Path, typer.Option(help=f"Output directory: {EVALUATOR_FILE}.")],
-    report: Annotated[Path, typer.Option(help="Report JSON: training summary and held-out retrieval accuracy.")],
+    report: Annotated[Path, typer.Option(help="Report JSON: training summary and held-out retrieval accuracy (run times go to MLflow).")],
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Train the in-domain evaluator (params `evaluator`): a small image encoder tuned
@@ -31,10 +31,11 @@ def train_evaluator(
     from imager.evaluation.train import train_and_check
 
     p = load_params(params)
-    with tracked("train-evaluator", p, {"evaluator": p.evaluator.model_dump()}) as run:
+    with tracked("train-evaluator", p, {"evaluator": p.evaluator.model_dump()}, {"shards": shards, "embeddings": embeddings}) as run:
         started = time.perf_counter()
         summary = train_and_check(p.evaluator, shards_dir=shards, cache_dir=embeddings, out=out / EVALUATOR_FILE, log=run.log_metrics)
-        finish(run, summary, report, started, prefix="summary.")
+        summary, timings = split_timings(summary, "images_per_s", "seconds")
+        finish(run, summary, report, started, prefix="summary.", timings=timings)
 
 
 @user_errors
@@ -53,19 +54,21 @@ def evaluate(
 ) -> None:
     """Sample the cascade for held-out prompts with the top-level `sampler` and score it (params
     `evaluate`); sweep samplers and step counts; log the cascade as an MLflow pyfunc model."""
-    from imager.cascade import Cascade
     from imager.evaluation.evaluator import load_evaluator
     from imager.evaluation.run import evaluate as run_evaluation
+    from imager.inference import Cascade, check_sampling
     from imager.io import atomic_write_json
-    from imager.serving import sampling_defaults
     from imager.text.cache import EmbeddingCache
 
     p = load_params(params)
     cfg = p.evaluate
     sections = {"sampler": p.sampler, "seed": p.seed, "evaluate": cfg.model_dump()}
-    with tracked("evaluate", p, sections) as run:
+    with tracked("evaluate", p, sections, {"shards": shards, "embeddings": embeddings}, context="evaluation") as run:
         started = time.perf_counter()
-        cascade = Cascade.load(base / MODEL_FILE, sr / MODEL_FILE)
+        sampling = cfg.sampling(p.sampler)
+        for stage in ("base", "sr"):
+            check_sampling(sampling.stage(stage))
+        cascade = Cascade.load(base / MODEL_FILE, sr / MODEL_FILE, device=cfg.device)
         scorer = load_evaluator(evaluator / EVALUATOR_FILE)
         cache = EmbeddingCache(embeddings)
         result = run_evaluation(cascade, scorer, shards_dir=shards, cache=cache, cfg=cfg, sampler=p.sampler)
@@ -78,8 +81,8 @@ def evaluate(
         run.log_dict(result["sweep"], "sweep.json")
         run.log_image(result["grid"], "evaluate_grid.png")
         run.log_image(result["sweep_plot"], "sampler_sweep.png")
-        run.log_cascade(base / MODEL_FILE, sr / MODEL_FILE, embed=p.embed.model_dump(mode="json"), sampling=sampling_defaults(p))
-        finish(run, {"sampler": p.sampler, **result["metrics"]}, metrics, started)
+        run.log_cascade(base / MODEL_FILE, sr / MODEL_FILE, embed=p.embed.model_dump(mode="json"), sampling=sampling)
+        finish(run, {"sampler": p.sampler, **result["metrics"]}, metrics, started, timings=result["timings"])
 
 
 def _save_png(image, path: Path) -> None:

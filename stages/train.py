@@ -14,13 +14,13 @@ from typing import Annotated
 import typer
 
 from imager.tracking import StageRun
-from stages._common import ParamsOption, finish, load_params, tracked, user_errors
+from stages._common import ParamsOption, finish, load_params, split_timings, tracked, user_errors
 
 ShardsOpt = Annotated[Path, typer.Option(help="Shard directory (with index.json).")]
 EmbOpt = Annotated[Path, typer.Option(help="Embedding cache directory (from `imager embed`).")]
 OutOpt = Annotated[Path, typer.Option(help="Output: model.safetensors (EMA), model_raw.safetensors, grid.png.")]
 CkptOpt = Annotated[Path, typer.Option(help="Training-state checkpoints; a rerun resumes from the latest that matches.")]
-ReportOpt = Annotated[Path, typer.Option(help="Metrics JSON: final loss, steps, images/s, wall time.")]
+ReportOpt = Annotated[Path, typer.Option(help="Metrics JSON: final loss, steps, parameters (run times go to MLflow).")]
 
 
 def _train(section: str, shards: Path, embeddings: Path, out: Path, checkpoints: Path, report: Path, params: Path) -> None:
@@ -31,7 +31,7 @@ def _train(section: str, shards: Path, embeddings: Path, out: Path, checkpoints:
     cfg = getattr(p, section)
     dist = init_distributed()
     try:
-        run_ctx = tracked(section.replace("_", "-"), p, {section: cfg.model_dump(), "seed": p.seed}) if dist.is_main else contextlib.nullcontext(StageRun(None))
+        run_ctx = tracked(section.replace("_", "-"), p, {section: cfg.model_dump(), "seed": p.seed}, {"shards": shards, "embeddings": embeddings}) if dist.is_main else contextlib.nullcontext(StageRun(None))
         with run_ctx as run:
             started = time.perf_counter()
             summary = train_model(
@@ -39,7 +39,8 @@ def _train(section: str, shards: Path, embeddings: Path, out: Path, checkpoints:
                 log_metrics=lambda m, step: run.log_metrics(m, step=step), log_image=run.log_image,
             )
             if dist.is_main:
-                finish(run, summary, report, started, prefix="summary.")
+                summary, timings = split_timings(summary, "images_per_second", "wall_seconds")
+                finish(run, summary, report, started, prefix="summary.", timings=timings)
                 run.log_artifact(out / "model.safetensors", "model")
     finally:
         shutdown(dist)

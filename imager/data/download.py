@@ -1,8 +1,9 @@
 """The download step: a source's samples -> ``images/{key}.{ext}`` + ``images/{key}.txt`` +
 ``manifest.jsonl`` (one record per sample, sorted by key), built atomically.
 
-The report counts entries seen, kept and skipped by reason. It holds counts only, no timings, so
-that the same inputs give byte-identical outputs.
+The report counts entries seen, kept and skipped by reason (each reason is a valid MLflow metric
+name, ``[a-z0-9_]``). It holds counts only, no timings, so that the same inputs give byte-identical
+outputs.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from imager.config import Download
-from imager.data.records import FORMAT_EXT, Sample, Skip, image_info
+from imager.data.config import Download
+from imager.data.records import FORMAT_EXT, MANIFEST, Sample, Skip, image_info
 from imager.io import atomic_dir, sha256_bytes, write_jsonl
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.jsonl"
 
 
 def open_source(cfg: Download, fetch_cache: Path | None) -> tuple[Iterator[Sample | Skip], int]:
@@ -54,6 +54,8 @@ def download(cfg: Download, out: Path, fetch_cache: Path | None = None) -> dict[
         images.mkdir()
         for item in tqdm(items, total=total, desc=f"download {cfg.source}", unit="img"):
             if isinstance(item, Skip):
+                if item.reason == "caption_not_utf8" and not skipped[item.reason]:
+                    log.warning("%s: caption is not valid UTF-8; skipped (the report counts them all)", item.origin)
                 skipped[item.reason] += 1
                 continue
             if item.key in seen_keys:

@@ -5,15 +5,17 @@
 
 or ``captions: captions.jsonl`` with rows ``{"file": "sub/dog.png", "caption": "a dog"}`` (csv and
 parquet work too; the column names are params). Files are kept byte for byte; decoding and checks
-happen in the shard step.
+happen in the shard step. Captions must be UTF-8 (a leading BOM is dropped): an image whose caption
+is not is skipped as ``caption_not_utf8``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
-from imager.config import FolderSource
+from imager.data.config import FolderSource
 from imager.data.records import IMAGE_EXTS, Sample, Skip, clean_caption, safe_key, short_hash
 from imager.data.tables import read_table
 from imager.errors import SourceError
@@ -27,46 +29,56 @@ def _key(rel: Path, used: set[str]) -> str:
     return key
 
 
-def _entries(cfg: FolderSource, root: Path) -> list[tuple[Path, str | None, str]]:
-    """(relative path, caption or None, licence) in a deterministic order."""
+class _Entry(NamedTuple):
+    rel: Path  # the image, relative to the folder
+    caption: str | bytes | Path | None  # a table's value, the same-name .txt file, or None: neither
+    where: str  # where the caption comes from (the .txt file, or the table and the image)
+
+
+def _entries(cfg: FolderSource, root: Path) -> list[_Entry]:
+    """Every image of the folder (or of the captions table) in a deterministic order."""
     if cfg.captions is not None:
         table = Path(cfg.captions)
         if not table.is_absolute() and not table.exists():
             table = root / table
-        rows = read_table(table, [cfg.file_column, cfg.caption_column])
-        out = [(Path(str(r[cfg.file_column])), clean_caption(r[cfg.caption_column]), cfg.licence) for r in rows]
-        return sorted(out, key=lambda e: e[0].as_posix())
+        rows = read_table(table, [cfg.file_column, cfg.caption_column], "download.folder.captions")
+        files = [Path(str(r[cfg.file_column])) for r in rows]
+        captions = ["" if r[cfg.caption_column] is None else r[cfg.caption_column] for r in rows]
+        out = [_Entry(rel, caption, f"{table}: {rel}") for rel, caption in zip(files, captions)]
+        return sorted(out, key=lambda e: e.rel.as_posix())
     entries = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root)
         if path.suffix.lower() == ".txt" or any(part.startswith(".") for part in rel.parts):
             continue
         cap_file = path.with_suffix(".txt")
-        text = clean_caption(cap_file.read_text(encoding="utf-8", errors="replace")) if cap_file.is_file() else None
-        entries.append((rel, text, cfg.licence))
+        entries.append(_Entry(rel, cap_file if cap_file.is_file() else None, str(cap_file)))
     return entries
 
 
 def iter_folder(cfg: FolderSource, limit: int | None) -> tuple[Iterator[Sample | Skip], int]:
     root = Path(cfg.path or "")
     if not root.is_dir():
-        raise SourceError(f"download.folder.path: {root} is not a directory")
+        problem = "not a directory" if root.exists() else "directory not found"
+        raise SourceError(f"params.yaml: download.folder.path: {root}: {problem}")
     entries = _entries(cfg, root)[:limit]
 
     def items() -> Iterator[Sample | Skip]:
         used: set[str] = set()
-        for rel, text, licence in entries:
+        for rel, caption, where in entries:
             path = root / rel
             if path.suffix.lower() not in IMAGE_EXTS:
                 yield Skip("unsupported_file", str(path))
             elif not path.is_file():
                 yield Skip("missing_file", str(path))
-            elif text is None:
+            elif caption is None:
                 yield Skip("no_caption", str(path))
+            elif (text := clean_caption(caption.read_bytes() if isinstance(caption, Path) else caption)) is None:
+                yield Skip("caption_not_utf8", where)
             elif not text:
                 yield Skip("empty_caption", str(path))
             else:
                 ext = path.suffix.lower().lstrip(".")
-                yield Sample(_key(rel, used), text, path.read_bytes(), licence, str(path), ext)
+                yield Sample(_key(rel, used), text, path.read_bytes(), cfg.licence, str(path), ext)
 
     return items(), len(entries)

@@ -11,7 +11,7 @@ import io
 from collections.abc import Iterator
 from pathlib import Path
 
-from imager.config import HfSource
+from imager.data.config import HfSource
 from imager.data.records import Sample, Skip, clean_caption, safe_key
 from imager.errors import SourceError
 
@@ -80,6 +80,8 @@ def iter_hf(cfg: HfSource, limit: int | None) -> tuple[Iterator[Sample | Skip], 
                 yield Skip("duplicate_key", origin)
             elif data is None:
                 yield Skip("no_image", origin)
+            elif caption is None:
+                yield Skip("caption_not_utf8", origin)
             elif not caption:
                 yield Skip("empty_caption", origin)
             else:

@@ -1,20 +1,24 @@
 """Decode and check one input image for sharding; say why when it cannot be used.
 
-Reasons (the keys of the shard report's ``skipped_by_reason``):
-``empty_file``, ``missing_file``, ``not_an_image``, ``truncated``, ``too_many_pixels`` (over
-Pillow's decompression-bomb limit, ``PIL.Image.MAX_IMAGE_PIXELS``), ``bad_dimensions`` (outside [min_side, max_side] or too elongated),
-``animated`` and ``odd_mode:<MODE>`` (CMYK, 16-bit, palette, ... when ``odd_modes: skip``).
+Reasons (the keys of the shard report's ``skipped_by_reason``, and MLflow metric names, so only
+``[a-z0-9_]``): ``empty_file``, ``missing_file``, ``not_an_image``, ``truncated``,
+``too_many_pixels`` (over Pillow's decompression-bomb limit, ``PIL.Image.MAX_IMAGE_PIXELS``),
+``bad_dimensions`` (outside [min_side, max_side] or too elongated), ``animated`` and
+``odd_mode_<mode>`` (the Pillow mode lowercased, other characters dropped: ``odd_mode_cmyk``,
+``odd_mode_i16`` for ``I;16``, ``odd_mode_p``, ... when ``odd_modes: skip``).
 """
 
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from typing import TYPE_CHECKING
 
 from PIL import Image, ImageOps
 
-from imager.config import Shard
+from imager.data.config import Shard
+from imager.data.records import check_reason
 from imager.errors import DataError
 
 if TYPE_CHECKING:
@@ -34,12 +38,19 @@ class Rejected(Exception):
 
     def __init__(self, reason: str):
         super().__init__(reason)
-        self.reason = reason
+        self.reason = check_reason(reason)
+
+
+def odd_mode(mode: str) -> str:
+    """The reason for an input in an odd Pillow mode: ``I;16`` -> ``odd_mode_i16``."""
+    return "odd_mode_" + re.sub(r"[^a-z0-9]", "", mode.lower())
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
     """RGB on a white background (alpha composited), from any mode Pillow can convert."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if im.mode.startswith("I;16"):
+        im = im.convert("I")  # any byte order; "I" is the only 16/32-bit mode point() takes
+    if im.mode == "I":
         im = im.point(lambda v: v / 256).convert("L")  # 16-bit -> 8-bit, keeping the range
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
@@ -51,7 +62,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def decode(data: bytes, cfg: Shard) -> tuple[Image.Image, str | None]:
-    """The image as RGB, and a note when an odd mode was converted; raises :class:`Rejected`."""
+    """The image as RGB, and the reason it would have been skipped for when an odd input was
+    converted (``odd_modes: convert``), else None; raises :class:`Rejected`."""
     if not data:
         raise Rejected("empty_file")
     try:
@@ -63,7 +75,7 @@ def decode(data: bytes, cfg: Shard) -> tuple[Image.Image, str | None]:
             if short < cfg.min_side or long > cfg.max_side or long / short > cfg.max_aspect:
                 raise Rejected("bad_dimensions")
             animated = getattr(im, "is_animated", False) and getattr(im, "n_frames", 1) > 1
-            odd = "animated" if animated else (None if im.mode in NORMAL_MODES else f"odd_mode:{im.mode}")
+            odd = "animated" if animated else (None if im.mode in NORMAL_MODES else odd_mode(im.mode))
             if odd and cfg.odd_modes == "skip":
                 raise Rejected(odd)
             im.seek(0)
@@ -77,7 +89,7 @@ def decode(data: bytes, cfg: Shard) -> tuple[Image.Image, str | None]:
         raise Rejected("not_an_image") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError):
         raise Rejected("truncated") from None
-    return _to_rgb(im), (f"converted:{odd}" if odd else None)
+    return _to_rgb(im), odd
 
 
 def square(im: Image.Image, size: int, resample: str) -> Image.Image:

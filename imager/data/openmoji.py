@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, features
 
-from imager.config import OpenMojiSource
+from imager.data.config import OpenMojiSource
 from imager.data.records import Sample, Skip
 from imager.errors import SourceError
 

@@ -10,9 +10,12 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+MANIFEST = "manifest.jsonl"  # the download step's record of every kept sample, read by the shard step
 # Image formats Pillow names, mapped to the file extension written for them.
 FORMAT_EXT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+# Skip reasons are report keys and MLflow metric names (``skipped_by_reason.<reason>``).
+REASON = re.compile(r"[a-z0-9_]+")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,16 @@ class Skip:
     reason: str
     origin: str = ""
 
+    def __post_init__(self) -> None:
+        check_reason(self.reason)
+
+
+def check_reason(reason: str) -> str:
+    """``reason`` itself when it is a valid skip reason (``[a-z0-9_]+``); a bug otherwise."""
+    if not REASON.fullmatch(reason):
+        raise ValueError(f"skip reason {reason!r} must match {REASON.pattern} (it is an MLflow metric name)")
+    return reason
+
 
 def safe_key(text: str) -> str:
     """A webdataset-safe key: anything but letters, digits, ``_`` and ``-`` becomes ``_``."""
@@ -59,10 +72,31 @@ def image_info(data: bytes) -> tuple[str, int, int] | None:
         return None
 
 
-def clean_caption(value: object) -> str:
-    """A caption as one line of text: lists take their first entry, whitespace is collapsed."""
+def looks_like_image(data: bytes) -> bool:
+    """True when Pillow recognises the header as an image format it can open: the test of the
+    shard step's ``not_an_image``, without decoding a pixel. A header Pillow knows but refuses (a
+    decompression bomb, a broken field) counts as an image here; the shard step says why it is
+    skipped. No warnings filter: safe to call from the fetch threads."""
+    try:
+        Image.open(io.BytesIO(data)).close()
+    except Image.UnidentifiedImageError:
+        return False
+    except Exception:  # noqa: BLE001 (DecompressionBombError, OSError, ValueError, ...)
+        return True
+    return True
+
+
+def clean_caption(value: object) -> str | None:
+    """A caption as one line of text: lists take their first entry, bytes (a caption file, a table
+    column that is not all UTF-8) are read as UTF-8 with a leading BOM dropped, whitespace is
+    collapsed. None when the bytes are not UTF-8 (the sample is skipped as ``caption_not_utf8``)."""
     if isinstance(value, (list, tuple)):
         value = value[0] if value else ""
     if value is None:
         return ""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8-sig")
+        except UnicodeDecodeError:
+            return None
     return " ".join(str(value).split())

@@ -19,9 +19,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from imager.config import Shard
-from imager.data.download import MANIFEST
+from imager.data.config import Shard
 from imager.data.images import Rejected, decode, decode_png, encode_png, square
+from imager.data.records import MANIFEST
 from imager.errors import DataError
 from imager.io import atomic_dir, atomic_write_json, read_jsonl
 
@@ -68,12 +68,12 @@ def shard(download_dir: Path, out: Path, cfg: Shard) -> dict[str, Any]:
                 try:
                     if not path.is_file():
                         raise Rejected("missing_file")
-                    image, note = decode(path.read_bytes(), cfg)
+                    image, odd = decode(path.read_bytes(), cfg)
                 except Rejected as rej:
                     skipped[rej.reason] += 1
                     continue
-                if note:
-                    converted[note.removeprefix("converted:")] += 1
+                if odd:
+                    converted[odd] += 1
                 split = split_of(rec["key"], cfg.val_fraction)
                 if split not in writers:
                     pattern = str(tmp / f"{split}-%06d.tar")

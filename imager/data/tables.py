@@ -10,8 +10,14 @@ from imager.errors import SourceError
 TABLE_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 
 
-def read_table(path: str | Path, required: list[str]) -> list[dict[str, Any]]:
-    """Rows of a csv/jsonl/parquet file as dicts; every column in ``required`` must exist."""
+def read_table(path: str | Path, required: list[str], key: str) -> list[dict[str, Any]]:
+    """Rows of a csv/jsonl/parquet file as dicts; every column in ``required`` must exist.
+
+    ``key`` is the params key that names the file (``download.urls.list``): a missing file is an
+    error in that value. Problems inside the file name the file alone. The values of a text column
+    that is not all UTF-8 come back as bytes (``records.clean_caption`` decodes them, or says which
+    are not UTF-8).
+    """
     import pyarrow as pa
     import pyarrow.csv
     import pyarrow.json
@@ -19,7 +25,8 @@ def read_table(path: str | Path, required: list[str]) -> list[dict[str, Any]]:
 
     path = Path(path)
     if not path.is_file():
-        raise SourceError(f"{path}: table file not found")
+        problem = "not a file" if path.exists() else "file not found"
+        raise SourceError(f"params.yaml: {key}: {path}: {problem}")
     suffix = path.suffix.lower()
     readers = {
         ".csv": lambda p: pa.csv.read_csv(p, convert_options=pa.csv.ConvertOptions(strings_can_be_null=False)),
@@ -39,4 +46,10 @@ def read_table(path: str | Path, required: list[str]) -> list[dict[str, Any]]:
         raise SourceError(
             f"{path}: no column '{missing[0]}' (columns: {', '.join(table.column_names) or 'none'})"
         )
+    for i, field in enumerate(table.schema):  # text that is not all UTF-8: bytes, as the csv reader gives
+        if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+            try:
+                table.column(i).validate(full=True)
+            except pa.ArrowInvalid:
+                table = table.set_column(i, field.name, table.column(i).cast(pa.binary()))
     return table.to_pylist()

@@ -4,7 +4,10 @@ Downloads run concurrently with urllib3's retry support (exponential backoff on 
 and on 429/5xx answers, honouring Retry-After) and a timeout per request. Each fetched file lands in
 a fetch cache atomically, beside a small JSON record of its sha256; a rerun after an interruption
 verifies what is there and fetches only what is missing or corrupt. Expected checksums, when the
-list has them, are verified and a mismatch is skipped as ``checksum_mismatch``.
+list has them, are verified and a mismatch is skipped as ``checksum_mismatch``. An answer that is
+not an image (an HTML error page, JSON) is skipped as ``not_an_image`` and never cached: its
+Content-Type must be ``image/*`` or say nothing of the kind (absent, ``application/octet-stream``),
+and its first bytes must be a header Pillow can open.
 """
 
 from __future__ import annotations
@@ -21,13 +24,17 @@ from urllib.parse import urlparse
 from tqdm.auto import tqdm
 
 from imager import __version__
-from imager.config import UrlsSource
-from imager.data.records import Sample, Skip, clean_caption, short_hash
+from imager.data.config import UrlsSource
+from imager.data.records import Sample, Skip, clean_caption, looks_like_image, short_hash
 from imager.data.tables import read_table
 from imager.errors import SourceError
 from imager.io import atomic_write_bytes, atomic_write_json, sha256_bytes
 
 log = logging.getLogger(__name__)
+
+# Content types of an answer that may be an image: image/*, or one that does not say
+# (binary/octet-stream is what S3 serves for files uploaded without a type).
+UNTYPED = frozenset({"", "application/octet-stream", "binary/octet-stream"})
 
 
 @dataclass(frozen=True)
@@ -42,12 +49,12 @@ class UrlRow:
 def read_url_list(cfg: UrlsSource, limit: int | None) -> tuple[list[UrlRow], list[Skip]]:
     """The rows to fetch (first ``limit`` of the list) and the rows skipped while reading it."""
     columns = [cfg.url_column, cfg.caption_column]
-    rows = read_table(cfg.list or "", columns)[:limit]
+    rows = read_table(cfg.list or "", columns, "download.urls.list")[:limit]
     kept: list[UrlRow] = []
     skipped: list[Skip] = []
     seen: set[str] = set()
     for row in rows:
-        url = str(row.get(cfg.url_column) or "").strip()
+        url = _url(row.get(cfg.url_column))
         caption = clean_caption(row.get(cfg.caption_column))
         expected = row.get(cfg.sha256_column) if cfg.sha256_column else None
         licence = row.get(cfg.licence_column) if cfg.licence_column else None
@@ -55,6 +62,8 @@ def read_url_list(cfg: UrlsSource, limit: int | None) -> tuple[list[UrlRow], lis
             skipped.append(Skip("invalid_url", url))
         elif url in seen:
             skipped.append(Skip("duplicate_url", url))
+        elif caption is None:
+            skipped.append(Skip("caption_not_utf8", f"{cfg.list}: {url}"))
         elif not caption:
             skipped.append(Skip("empty_caption", url))
         else:
@@ -62,6 +71,16 @@ def read_url_list(cfg: UrlsSource, limit: int | None) -> tuple[list[UrlRow], lis
             checksum = str(expected).strip().lower() if expected else None
             kept.append(UrlRow(short_hash(url), url, caption, checksum, str(licence or cfg.licence)))
     return kept, skipped
+
+
+def _url(value: object) -> str:
+    """A url cell as text; bytes that are not UTF-8 give "" (skipped as ``invalid_url``)."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return ""
+    return str(value or "").strip()
 
 
 def _session(cfg: UrlsSource):
@@ -89,7 +108,8 @@ def _session(cfg: UrlsSource):
 
 
 def _cached(row: UrlRow, cache: Path) -> bool:
-    """True when the fetch cache holds this URL's file, intact and matching any expected checksum."""
+    """True when the fetch cache holds this URL's file, intact, matching any expected checksum, and
+    an image."""
     data, meta = cache / f"{row.key}.data", cache / f"{row.key}.json"
     if not (data.is_file() and meta.is_file()):
         return False
@@ -97,8 +117,10 @@ def _cached(row: UrlRow, cache: Path) -> bool:
         record = json.loads(meta.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    actual = sha256_bytes(data.read_bytes())
-    return record.get("url") == row.url and record.get("sha256") == actual and row.sha256 in (None, actual)
+    body = data.read_bytes()
+    actual = sha256_bytes(body)
+    intact = record.get("url") == row.url and record.get("sha256") == actual
+    return intact and row.sha256 in (None, actual) and looks_like_image(body)
 
 
 def _get(session, row: UrlRow, cfg: UrlsSource) -> bytes | str:
@@ -112,6 +134,9 @@ def _get(session, row: UrlRow, cfg: UrlsSource) -> bytes | str:
             with session.get(row.url, timeout=cfg.timeout, stream=True) as resp:
                 if resp.status_code != 200:
                     return f"http_{resp.status_code}"
+                media_type = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+                if not (media_type.startswith("image/") or media_type in UNTYPED):
+                    return "not_an_image"
                 declared = resp.headers.get("Content-Length", "").strip()  # may be unreadable: then ignored
                 if declared.isdigit() and int(declared) > cfg.max_bytes:
                     return "too_large"
@@ -148,6 +173,10 @@ def _fetch(session, row: UrlRow, cache: Path, cfg: UrlsSource) -> str | None:
     body = _get(session, row, cfg)
     if isinstance(body, str):
         return body
+    if not body:
+        return "empty_file"
+    if not looks_like_image(body):
+        return "not_an_image"
     digest = sha256_bytes(body)
     if row.sha256 is not None and digest != row.sha256:
         return "checksum_mismatch"

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from imager.inference.config import CascadeSampling, DeviceName, SRSampling, StageSampling
 from imager.schema import SamplerName, Section
 
 
@@ -33,17 +34,6 @@ class Evaluator(Section):
         if not v or any(c <= 0 for c in v):
             raise ValueError("must be a non-empty list of positive channel counts")
         return v
-
-
-class StageSampling(Section):
-    """How one model of the cascade is sampled in evaluation (the sampler is the top-level one)."""
-
-    steps: int = Field(20, ge=1, le=1000)
-    guidance: float = Field(3.0, ge=0)  # classifier-free guidance scale; 1: none
-
-
-class SRSampling(StageSampling):
-    aug_level: float = Field(0.1, ge=0, le=1)  # noise level of the lowres input (as in training)
 
 
 class Sweep(Section):
@@ -73,15 +63,23 @@ class Backbones(Section):
 
 
 class Evaluate(Section):
+    """The evaluation's sampling (each stage takes the top-level ``sampler`` unless it names its
+    own), its sets and its scores. The cascade samples on ``device``; scoring runs on the CPU."""
+
     prompts: int = Field(128, gt=0)  # held-out (val) captions, one image each; capped at the val size
     seed: int = Field(0, ge=0)
     batch_size: int = Field(64, gt=0)
+    device: DeviceName = "auto"
     base: StageSampling = StageSampling()
-    sr: SRSampling = SRSampling(steps=10, guidance=1.0)
+    sr: SRSampling = SRSampling()
     r_precision_k: int = Field(32, ge=2)  # candidates per image: its caption + k-1 random others
     grid_rows: int = Field(8, ge=1, le=64)  # prompts in the grid: base sample | SR sample | real image
     sweep: Sweep = Sweep()
     backbones: Backbones = Backbones()
+
+    def sampling(self, sampler: SamplerName) -> CascadeSampling:
+        """The cascade's sampling settings with ``sampler`` (params.yaml's top-level one)."""
+        return CascadeSampling(sampler=sampler, base=self.base, sr=self.sr, seed=self.seed, batch_size=self.batch_size)
 
     @model_validator(mode="after")
     def _grid(self) -> Evaluate:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imager.errors import ConfigError
+from imager.inference.images import to_uint8
 
 INCEPTION_KEY = "evaluate.backbones.inception"
 CLIP_KEY = "evaluate.backbones.clip"
@@ -39,11 +40,6 @@ def _device(module: nn.Module) -> torch.device:
 
 def _first_line(exc: BaseException) -> str:
     return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200]
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """[-1, 1] floats -> uint8 0..255 (rounded, clamped), as a saved PNG would hold them."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------- FID
@@ -95,26 +91,6 @@ class FID:
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
                 self._metric.update(images[start : start + self.batch_size].to(self.device), real=real)
-
-
-class _Identity(nn.Module):
-    """Features pass through: FID of given feature vectors."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x
-
-
-def frechet_distance_features(real_feats: Tensor, fake_feats: Tensor) -> float:
-    """FID of two feature sets (N, F) and (M, F): the same torchmetrics path as :class:`FID`."""
-    if real_feats.ndim != 2 or fake_feats.ndim != 2 or real_feats.shape[1] != fake_feats.shape[1]:
-        raise ValueError(f"expected (N, F) and (M, F) features, got {tuple(real_feats.shape)} and {tuple(fake_feats.shape)}")
-    fid = FID(_Identity(real_feats.shape[1]), batch_size=4096)
-    fid.add_real(real_feats)
-    return fid.score(fake_feats)
 
 
 # --------------------------------------------------------------------------- image-text agreement

@@ -25,14 +25,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from imager.cascade import Cascade, upscale
 from imager.data.shard import read_samples, shard_paths
 from imager.errors import DataError
 from imager.evaluation.config import Backbones, Evaluate
 from imager.evaluation.metrics import FID, HFClip, InceptionFeatures, clip_score, r_precision
+from imager.inference.cascade import Cascade
+from imager.inference.images import downsample, grid_image, to_unit, upscale
 from imager.text.cache import EmbeddingCache
-from imager.training.grid import grid_image
-from imager.training.tasks import downsample, to_unit
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -128,7 +127,8 @@ class Scorer:
 
 def evaluate(cascade: Cascade, evaluator: torch.nn.Module, *, shards_dir: Path, cache: EmbeddingCache, cfg: Evaluate, sampler: str) -> dict[str, Any]:
     """What the stage writes: ``metrics`` (flat, for DVC), ``sweep`` (table), ``curve`` (plot rows),
-    ``grid`` and ``sweep_plot`` (PIL images; the plot says so when there is no sweep)."""
+    ``grid`` and ``sweep_plot`` (PIL images; the plot says so when there is no sweep), and
+    ``timings`` (seconds and images/s: for MLflow, kept out of the files so that they are reproducible)."""
     if cascade.sr is None:
         raise DataError("evaluation needs the super-resolution model too")
     data = held_out(shards_dir, cache, cfg)
@@ -141,11 +141,7 @@ def evaluate(cascade: Cascade, evaluator: torch.nn.Module, *, shards_dir: Path, 
 
     started = time.perf_counter()
     with tqdm(total=n, desc=f"evaluate: cascade ({sampler})", unit="img") as bar:
-        base, sr = cascade.generate(
-            data.cond, sampler=sampler, base_steps=cfg.base.steps, base_guidance=cfg.base.guidance,
-            sr_steps=cfg.sr.steps, sr_guidance=cfg.sr.guidance, aug_level=cfg.sr.aug_level, seed=cfg.seed,
-            batch_size=cfg.batch_size, on_batch=bar.update,
-        )
+        base, sr = cascade.generate(data.cond, cfg.sampling(sampler), on_batch=bar.update)
     seconds = time.perf_counter() - started
     assert sr is not None
 
@@ -160,48 +156,49 @@ def evaluate(cascade: Cascade, evaluator: torch.nn.Module, *, shards_dir: Path, 
         for name, value in scored.items():
             metrics[f"{name}{suffix}"] = value
             metrics[f"{name}{suffix}_ceiling"] = ceiling[name]
-    metrics["sampling_seconds"] = seconds
-    metrics["images_per_s"] = n / seconds
 
     rows = torch.linspace(0, n - 1, min(cfg.grid_rows, n)).round().long().unique().tolist()  # spread over the set
     grid = grid_image(
         [[upscale(base[i : i + 1], cascade.resolution)[0], sr[i], data.real[i]] for i in rows],
         [f"{data.captions[i]}  (base | SR | real)" for i in rows],
     )
-    sweep, curve = run_sweep(cascade, data, cfg, sampler, low if cfg.sweep.stage == "base" else high)
+    sweep, curve, sweep_seconds = run_sweep(cascade, data, cfg, sampler, low if cfg.sweep.stage == "base" else high)
     plot = sweep_plot(curve, sweep) if curve else no_sweep_plot()
-    return {"metrics": metrics, "sweep": sweep, "curve": curve, "grid": grid, "sweep_plot": plot}
+    timings = {"sampling_seconds": seconds, "images_per_second": n / seconds, **sweep_seconds}
+    return {"metrics": metrics, "timings": timings, "sweep": sweep, "curve": curve, "grid": grid, "sweep_plot": plot}
 
 
-def run_sweep(cascade: Cascade, data: HeldOut, cfg: Evaluate, sampler: str, scorer: Scorer) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """FID and R-precision of each (sampler, steps) on the first ``sweep.prompts`` prompts, the
-    many-step reference, and the real-image ceiling at the same count. Same prompts and seeds for
-    every entry, so differences come from the sampler alone."""
+def run_sweep(
+    cascade: Cascade, data: HeldOut, cfg: Evaluate, sampler: str, scorer: Scorer
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
+    """(table, plot rows, seconds per entry): FID and R-precision of each (sampler, steps) on the first
+    ``sweep.prompts`` prompts, the many-step reference, and the real-image ceiling at the same count.
+    Same prompts and seeds for every entry, so differences come from the sampler alone."""
     sw = cfg.sweep
     m = min(sw.prompts, len(data.captions))
     if m == 0:
-        return {}, []
+        return {}, [], {}
     cond = tuple(c[:m] for c in data.cond)
     targets = data.targets[:m]
     runs = [(s, k, s) for s in sw.samplers for k in sw.steps] + [(sw.reference_sampler, sw.reference_steps, f"{sw.reference_sampler} (reference)")]
+    sampling = cfg.sampling(sampler)
+    sr_fixed = sampling.stage("sr")  # the SR stage keeps the evaluation's sampler: the sweep varies the base
     table: dict[str, Any] = {"samples": m, "stage": sw.stage}
-    curve = []
+    curve, seconds = [], {}
     with tqdm(total=len(runs) * m, desc="evaluate: sampler sweep", unit="img") as bar:
         for name, steps, label in runs:
             started = time.perf_counter()
-            base, sr = cascade.generate(
-                cond, sampler=name, base_steps=steps, base_guidance=cfg.base.guidance, sr_steps=cfg.sr.steps,
-                sr_guidance=cfg.sr.guidance, sr_sampler=sampler, aug_level=cfg.sr.aug_level, seed=cfg.seed,
-                batch_size=cfg.batch_size, use_sr=sw.stage == "cascade", on_batch=bar.update,
-            )
+            run = sampling.model_copy(update={"base": cfg.base.model_copy(update={"sampler": name, "steps": steps}), "sr": sr_fixed})
+            base, sr = cascade.generate(cond, run, use_sr=sw.stage == "cascade", on_batch=bar.update)
             images = sr if sw.stage == "cascade" else base
             scores = scorer.score(images, targets, clip=False)
             row = {"sampler": label, "steps": steps, "fid_evaluator": scores["fid_evaluator"], "r_precision_evaluator": scores["r_precision_evaluator"]}
             curve.append(row)  # plot rows: no timings, so identical runs give identical files
-            table.setdefault(label, {})[str(steps)] = {**{k: row[k] for k in ("fid_evaluator", "r_precision_evaluator")}, "seconds": time.perf_counter() - started}
+            table.setdefault(label, {})[str(steps)] = {k: row[k] for k in ("fid_evaluator", "r_precision_evaluator")}
+            seconds[f"sweep_seconds.{label.replace(' (reference)', '_reference')}.{steps}"] = time.perf_counter() - started
     ceiling = scorer.ceiling(m, clip=False)
     table["ceiling"] = {"fid_evaluator": ceiling["fid_evaluator"], "r_precision_evaluator": ceiling["r_precision_evaluator"]}
-    return table, curve
+    return table, curve, seconds
 
 
 def sweep_plot(curve: list[dict[str, Any]], table: dict[str, Any]) -> Image.Image:

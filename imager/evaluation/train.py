@@ -15,7 +15,7 @@ from imager.evaluation.config import Evaluator
 from imager.evaluation.evaluator import save_evaluator, train_evaluator
 from imager.evaluation.metrics import r_precision
 from imager.text.cache import EmbeddingCache
-from imager.training.tasks import to_unit
+from imager.inference.images import to_unit
 
 CHECK_K = 32  # candidates of the held-out R-precision in the report
 

@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING, Any
 from imager.models.config import UNetConfig
 
 if TYPE_CHECKING:
-    from imager.models.base import Denoiser, build_denoiser
+    from imager.models.base import Denoiser
+    from imager.models.factory import build_denoiser
     from imager.models.checkpoint import load_model, read_checkpoint_meta, save_model
     from imager.models.unet import UNet
 
 _LAZY = {
     "Denoiser": "imager.models.base",
-    "build_denoiser": "imager.models.base",
+    "build_denoiser": "imager.models.factory",
     "UNet": "imager.models.unet",
     "save_model": "imager.models.checkpoint",
     "load_model": "imager.models.checkpoint",

@@ -5,7 +5,8 @@ condition: cached from the embedding cache's empty caption, or learned), the inp
 low-resolution resize of the SR model. Subclasses (:class:`~imager.models.unet.UNet`, Imager's
 own network, and :class:`~imager.models.diffusers_unet.DiffusersUNet`, the diffusers baseline)
 implement ``forward`` with the signature documented here, so training, sampling and checkpoints
-never need to know which one they hold; :func:`build_denoiser` picks it from ``config.arch``.
+never need to know which one they hold; :func:`imager.models.factory.build_denoiser` picks it from
+``config.arch``.
 """
 
 from __future__ import annotations
@@ -160,17 +161,6 @@ class Denoiser(nn.Module):
         elif lowres is not None or aug_level is not None:
             raise ValueError("lowres/aug_level given to a base model (config.super_resolution is false)")
         return t
-
-
-def build_denoiser(config: UNetConfig) -> Denoiser:
-    """The network ``config.arch`` names, with fresh weights from torch's global RNG."""
-    if config.arch == "diffusers":
-        from imager.models.diffusers_unet import DiffusersUNet
-
-        return DiffusersUNet(config)
-    from imager.models.unet import UNet
-
-    return UNet(config)
 
 
 def _expect(name: str, value: Tensor, shape: tuple[int, ...], meaning: str = "(B,)", dtype: torch.dtype | None = None) -> None:

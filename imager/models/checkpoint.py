@@ -25,7 +25,8 @@ from torch import nn
 
 from imager.errors import CheckpointError
 from imager.io import atomic_write_bytes
-from imager.models.base import Denoiser, build_denoiser
+from imager.models.base import Denoiser
+from imager.models.factory import build_denoiser
 from imager.models.config import UNetConfig
 
 MODEL_KIND = "unet"

@@ -95,7 +95,9 @@ def sample(
     default spacing when None). The start is the VP prior x_vp ~ N(0, I) at σ_0 in VE coordinates,
     x = x_vp/α(σ_0) = z·√(1 + σ_0²) (σ_0 = schedule.sigma_max for every spacing but "leading").
     ``eta`` and ``options`` (s_churn, s_noise, ...) go to the sampler; one it does not take is a
-    SamplerError. Noise comes only from ``generator`` (on ``device``). Returns (B, ...) samples.
+    SamplerError. Noise comes only from ``generator``, drawn on the generator's device and moved to
+``device`` (default: the generator's), so a CPU generator gives every device the same noise.
+Returns (B, ...) samples on ``device``.
     """
     spec = get_sampler(sampler)
     if eta is not None:
@@ -105,8 +107,8 @@ def sample(
         takes = ", ".join(spec.options) or "none"
         raise SamplerError(f"sampler '{spec.name}' takes no option '{unknown[0]}'; it takes: {takes}")
     sigmas = schedule.sampling_sigmas(steps, spacing or spec.default_spacing)  # (steps + 1,) float64
-    if device is None:
-        device = generator.device if generator is not None else "cpu"
-    z = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)  # (B, ...)
+    gen_device = generator.device if generator is not None else torch.device(device or "cpu")
+    z = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=gen_device)  # (B, ...)
+    z = z.to(device or gen_device)
     x = z * math.sqrt(1 + float(sigmas[0]) ** 2)  # VP prior N(0, I) at σ_0, as VE
     return spec.fn(denoise, x, sigmas, generator=generator, progress=progress, **options)

@@ -16,8 +16,9 @@ Glossary (VE process x = x0 + σ·ε; a VP state x_vp = α·x0 + σ_vp·ε maps 
 
 Every sampler is ``sample_NAME(denoise, x, sigmas, *, generator=None, progress=False, **options)`` and
 returns the state at sigmas[-1] (the sample, in x0 space, when sigmas ends with 0). The denoiser is
-never called at σ = 0. Noise comes only from ``generator`` (``torch.randn`` of x's shape, dtype and
-device, one draw per stochastic step), so a seeded generator makes a sampler deterministic.
+never called at σ = 0. Noise comes only from ``generator`` (``torch.randn`` of x's shape and dtype on
+the generator's device, moved to x's; one draw per stochastic step), so a seeded generator makes a
+sampler deterministic, and a CPU generator gives every device the same noise.
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ def _sigma_batch(x: Tensor, sigma: float) -> Tensor:
 
 
 def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """z ~ N(0, I) of x's shape, dtype and device, drawn from ``generator``."""
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    """z ~ N(0, I) of x's shape and dtype on x's device, drawn from ``generator`` on the generator's
+    own device (a CPU generator gives the same noise to a GPU run)."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
 
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:

@@ -13,8 +13,6 @@ from typing import Protocol
 
 import torch
 
-from imager.config import Embed
-
 
 @dataclass(frozen=True)
 class TextEmbeddings:
@@ -37,18 +35,3 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over real tokens: (B, L, D), (B, L) -> (B, D)."""
     weights = mask.to(tokens.dtype).unsqueeze(-1)  # (B, L, 1)
     return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-
-
-def load_text_encoder(cfg: Embed) -> TextEncoder:
-    """The encoder named by ``cfg.encoder``, loaded from local files unless downloads are allowed."""
-    if cfg.encoder == "minilm":
-        from imager.text.hf import load_minilm
-
-        return load_minilm(cfg)
-    if cfg.encoder == "t5":
-        from imager.text.hf import load_t5
-
-        return load_t5(cfg)
-    from imager.text.clip import load_clip
-
-    return load_clip(cfg)

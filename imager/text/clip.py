@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from imager.config import Embed
+from imager.text.config import Embed
 from imager.errors import EncoderError
 from imager.text.base import TextEmbeddings
 

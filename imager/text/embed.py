@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from imager.config import Embed
+from imager.text.config import Embed
 from imager.data.shard import SPLITS, shard_paths
 from imager.errors import DataError
-from imager.text.base import load_text_encoder
+from imager.text.factory import load_text_encoder
 from imager.text.cache import build_cache, read_captions
 
 

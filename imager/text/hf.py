@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from imager.config import Embed
+from imager.text.config import Embed
 from imager.errors import EncoderError
 from imager.text.base import TextEmbeddings, masked_mean
 

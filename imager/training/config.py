@@ -11,7 +11,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from imager.diffusion.config import LossConfig, ScheduleConfig, Spacing
+from imager.diffusion.config import LossConfig, ScheduleConfig
+from imager.inference.config import StageSampling
 from imager.models.config import UNetConfig
 from imager.schema import SamplerName, Section
 
@@ -34,16 +35,13 @@ class Optim(Section):
         return self
 
 
-class Grid(Section):
+class Grid(StageSampling):
     """Sample grids for the prompts of ``embed.prompts`` (encoded by the embed stage): a PNG logged
-    to MLflow every ``every`` steps and at the end."""
+    to MLflow every ``every`` steps and at the end, drawn from the EMA model with these settings."""
 
     every: int = Field(500, ge=0)  # 0: only at the end
     per_prompt: int = Field(2, ge=1, le=16)
     sampler: SamplerName = "dpmpp_2m"
-    steps: int = Field(20, ge=1, le=1000)
-    spacing: Spacing | None = None  # null: the sampler's default
-    guidance: float = Field(3.0, ge=0)
     seed: int = Field(0, ge=0)
 
 

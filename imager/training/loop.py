@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from imager.diffusion.process import diffusion_loss, q_sample
 from imager.diffusion.schedule import NoiseSchedule
-from imager.models.base import Denoiser, build_denoiser
+from imager.models.base import Denoiser
+from imager.models.factory import build_denoiser
 from imager.models.checkpoint import save_model
 from imager.text.cache import EmbeddingCache
 from imager.training.config import TrainCommon
@@ -56,9 +57,12 @@ def lr_at(step: int, cfg: TrainCommon) -> float:
 
 
 # The sources whose code decides the weights a run ends with: the networks, the diffusion loss and
-# schedules, the loop with its loader, tasks, optimizer and EMA, and the embedding lookup.
+# schedules, the loop with its loader, tasks, optimizer and EMA, the image conversions of the inputs,
+# and the embedding lookup.
 _PACKAGE = Path(__file__).resolve().parents[1]
-TRAINING_CODE: tuple[Path, ...] = tuple(_PACKAGE / p for p in ("diffusion", "models", "training", "text/cache.py"))
+TRAINING_CODE: tuple[Path, ...] = tuple(
+    _PACKAGE / p for p in ("diffusion", "models", "training", "inference/images.py", "text/cache.py")
+)
 
 
 def code_digest(paths: Iterable[Path]) -> str:

@@ -16,11 +16,19 @@ from imager.errors import DataError
 from imager.io import atomic_dir
 from imager.training.config import TrainBase, TrainSR
 from imager.training.distributed import Dist
-from imager.training.grid import grid_image, sample_model
+from imager.inference.images import downsample, grid_image, to_unit
+from imager.inference.sampling import Stage
 from imager.training.loop import Trainer
-from imager.training.tasks import BaseTask, SRTask, downsample, to_unit
+from imager.training.tasks import BaseTask, SRTask
 
 log = logging.getLogger(__name__)
+
+
+def ema_stage(trainer: Trainer) -> Stage:
+    """The EMA model as it will be saved, ready to sample on the training device."""
+    cfg = trainer.cfg
+    lowres = cfg.lowres if trainer.task.super_resolution else None
+    return Stage(model=trainer.ema.model, schedule=trainer.schedule, prediction=cfg.loss.prediction, resolution=cfg.resolution, lowres=lowres)
 
 
 def base_grid(trainer: Trainer) -> Image.Image:
@@ -30,10 +38,7 @@ def base_grid(trainer: Trainer) -> Image.Image:
         raise DataError("the embedding cache has no prompts; set embed.prompts and re-run `imager embed`")
     k = len(cache.prompts)
     cond = tuple(c.repeat_interleave(g.per_prompt, 0) for c in (cache.prompt_tokens, cache.prompt_mask, cache.prompt_pooled))
-    images = sample_model(
-        trainer.ema.model, trainer.schedule, cfg.loss.prediction, cond, resolution=cfg.resolution,
-        sampler=g.sampler, steps=g.steps, guidance=g.guidance, seed=g.seed, spacing=g.spacing,
-    )
+    images = ema_stage(trainer).sample(cond, g, seed=g.seed).cpu()
     rows = [list(images[i * g.per_prompt : (i + 1) * g.per_prompt]) for i in range(k)]
     return grid_image(rows, cache.prompts)
 
@@ -47,11 +52,7 @@ def sr_grid(trainer: Trainer, shards_dir: Path) -> Image.Image:
     aug = torch.full((len(keys),), cfg.sample_aug_level)
     lowres = trainer.task.lowres(truth, aug, trainer.schedule, torch.Generator().manual_seed(g.seed))
     cond = cache.lookup(keys)
-    sr = sample_model(
-        trainer.ema.model, trainer.schedule, cfg.loss.prediction, cond, resolution=cfg.resolution,
-        sampler=g.sampler, steps=g.steps, guidance=g.guidance, seed=g.seed, spacing=g.spacing,
-        lowres=lowres, aug_level=aug,
-    )
+    sr = ema_stage(trainer).sample(cond, g, seed=g.seed, lowres=lowres, aug_level=aug).cpu()
     up = F.interpolate(F.avg_pool2d(truth, cfg.resolution // cfg.lowres), size=cfg.resolution, mode="nearest")
     rows = [[up[i], sr[i], truth[i]] for i in range(len(keys))]
     return grid_image(rows, [f"{c}  (lowres | SR | real)" for c in captions])
@@ -77,9 +78,9 @@ def train_model(
     make_grid = (lambda: sr_grid(trainer, shards_dir)) if sr else (lambda: base_grid(trainer))
     summary = trainer.run(log_metrics, lambda step: log_image(make_grid(), f"grids/step-{step:07d}.png"))
     if dist.is_main:
-        grid = make_grid()
         with atomic_dir(Path(out)) as tmp:
             trainer.save_final(tmp)
+            grid = make_grid()
             grid.save(tmp / "grid.png")
         log_image(grid, "grids/final.png")
     return {**summary, "parameters": float(sum(p.numel() for p in trainer.model.parameters()))}

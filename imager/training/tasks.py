@@ -1,8 +1,8 @@
 """What differs between the base and the super-resolution model: how a batch of shard images
-becomes the model's target ``x0`` and its extra inputs, and how the sample grid is made.
+becomes the model's target ``x0`` and its extra inputs.
 
 Images come from the loader as uint8 (B, 3, S, S) at the shard resolution S and become values in
-[-1, 1]. Downsampling is area averaging (exact box filter for integer factors).
+[-1, 1] (imager.inference.images).
 """
 
 from __future__ import annotations
@@ -15,33 +15,10 @@ import torch.nn.functional as F
 
 from imager.diffusion.schedule import NoiseSchedule
 from imager.errors import ConfigError
+from imager.inference.images import downsample, noise_augment, to_unit
 from imager.training.config import TrainBase, TrainSR
 
 Tensor = torch.Tensor
-
-
-def to_unit(images: Tensor) -> Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1]."""
-    return images.float() / 127.5 - 1
-
-
-def to_uint8(x: Tensor) -> Tensor:
-    """[-1, 1] -> uint8 [0, 255] (clamped)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def downsample(x: Tensor, size: int) -> Tensor:
-    return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="area")
-
-
-def noise_augment(low: Tensor, aug_level: Tensor, schedule: NoiseSchedule, gen: torch.Generator | None) -> Tensor:
-    """``low`` (B, C, h, w) noised to ``aug_level`` (B,) in [0, 1] with the forward process of
-    ``schedule``; level 0 leaves an image untouched. The SR model is told the level."""
-    alpha, sigma = schedule.alpha_sigma_at(aug_level.double())
-    noise = torch.randn(low.shape, generator=gen, device=low.device, dtype=low.dtype)
-    a, s = alpha.to(low).view(-1, 1, 1, 1), sigma.to(low).view(-1, 1, 1, 1)
-    noisy = a * low + s * noise
-    return torch.where(aug_level.to(low.device).view(-1, 1, 1, 1) > 0, noisy, low)
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ def test_three_stages_end_to_end_with_mlflow_runs(tmp_path, write_params, monkey
     assert set(runs) == {"download", "shard", "embed"}
     for stage, run in runs.items():
         tags = run.data.tags
-        assert run.info.status == "FINISHED" and run.info.run_name == stage
+        assert run.info.status == "FINISHED" and run.info.run_name == f"{stage} · tiny-exp"  # the DVC experiment shows in the UI
         assert tags["imager.git_commit"] == commit
         assert tags["imager.dvc_exp_name"] == "tiny-exp"
         assert tags["imager.pipeline_run"] == "pipeline-42"

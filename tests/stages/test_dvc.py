@@ -1,5 +1,6 @@
 """The real dvc.yaml on a tiny params file: `dvc repro` runs the stages, a second repro is a no-op,
-and a forced clean rerun gives the same dvc.lock hashes (byte-identical outputs)."""
+a forced clean rerun gives the same dvc.lock (byte-identical outputs, reports included: run times go
+to MLflow only), and an unknown key anywhere in params.yaml fails the next repro."""
 
 from __future__ import annotations
 
@@ -24,16 +25,10 @@ def sh(cwd: Path, *cmd: str) -> str:
     return out.stdout + out.stderr
 
 
-TIMED = ("reports/train_base.json", "reports/train_sr.json", "reports/evaluator.json", "reports/evaluate.json", "reports/sweep.json")
-
-
 def lock_hashes(project: Path) -> dict:
-    """md5 of every output in dvc.lock, except the reports that hold wall times."""
+    """md5 of every output in dvc.lock, reports and plots included."""
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    return {
-        name: [(o["path"], o["md5"]) for o in stage.get("outs", []) if o["path"] not in TIMED]
-        for name, stage in lock["stages"].items()
-    }
+    return {name: [(o["path"], o["md5"]) for o in stage.get("outs", [])] for name, stage in lock["stages"].items()}
 
 
 TINY_MODEL = {"base_channels": 8, "channel_mults": [1, 2], "attention_levels": [1], "head_dim": 8, "norm_groups": 4, "num_res_blocks": 1}
@@ -44,7 +39,7 @@ TINY_EVALUATE = {
     "sweep": {"samplers": ["ddim"], "steps": [2], "reference_steps": 3, "prompts": 2},
 }  # fmt: skip
 STAGES = ["download", "shard", "embed", "train-base", "train-sr", "train-evaluator", "evaluate"]
-DVC_STAGES = [s.replace("-", "_") for s in STAGES]
+DVC_STAGES = ["params"] + [s.replace("-", "_") for s in STAGES]
 
 
 def pipeline_ids(experiment: str) -> list[tuple[str, str, str]]:
@@ -98,8 +93,20 @@ def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, mlflow_uri)
     assert "Running stage" not in again
     assert "Data and pipelines are up to date" in sh(project, "dvc", "status")
 
+    lock = (project / "dvc.lock").read_text()
     sh(project, "dvc", "repro", "--force")  # every stage from scratch: outputs deleted and rebuilt
     assert lock_hashes(project) == hashes
+    assert (project / "dvc.lock").read_text() == lock  # nothing in a hashed output depends on run time
+
+    # An unknown key no stage reads still fails the next repro (the `params` stage reads the whole file).
+    good = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(good + "foo: 1\n")
+    out = subprocess.run(["dvc", "repro"], cwd=project, capture_output=True, text=True,
+                         env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    assert out.returncode != 0 and "error: params.yaml: foo: unknown key" in out.stdout + out.stderr
+    assert "Running stage 'download'" not in out.stdout  # it runs first
+    (project / "params.yaml").write_text(good)
+    sh(project, "dvc", "repro")
 
     # A params change reruns exactly the stages that depend on it.
     text = (project / "params.yaml").read_text().replace("max_length: 8", "max_length: 6")
@@ -111,7 +118,7 @@ def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, mlflow_uri)
 
     # `dvc exp run -S sampler=...` sets the top-level key, which only the evaluate stage reads.
     exp = sh(project, "dvc", "exp", "run", "-S", "sampler=ddim", "-n", "try-ddim")
-    assert [line for line in exp.splitlines() if "Running stage" in line] == ["Running stage 'evaluate':"]
+    assert [line for line in exp.splitlines() if "Running stage" in line] == ["Running stage 'params':", "Running stage 'evaluate':"]
     shown = sh(project, "dvc", "exp", "show", "--md", "--no-pager")
     assert "try-ddim" in shown and "ddim" in shown and "fid_evaluator" in shown
     assert yaml.safe_load((project / "params.yaml").read_text())["sampler"] == "ddim"

@@ -2,6 +2,8 @@
 
 It answers by path (``/<behaviour>/<arg>/<name>-<W>x<H>.png``), logs every request and keeps the
 exact bytes of every full 200 answer, so tests compare outputs with what was served.
+``/typed/<quoted Content-Type, or ->/<name>.<ext>`` serves a small image in the format of ``ext``
+(or an HTML page, JSON, plain text, nothing) under any Content-Type.
 """
 
 from __future__ import annotations
@@ -11,11 +13,18 @@ import io
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlparse
+from urllib.parse import quote, unquote, urlparse
 
 from PIL import Image
 
 NAME = re.compile(r"^(?P<name>[\w.-]+)-(?P<w>\d+)x(?P<h>\d+)\.png$")
+FORMATS = {"png": "PNG", "jpg": "JPEG", "gif": "GIF", "webp": "WEBP", "bmp": "BMP", "tif": "TIFF", "ico": "ICO"}
+PAGES = {
+    "html": b"<!DOCTYPE html>\n<html><head><title>Not Found</title></head><body>No such image</body></html>\n",
+    "json": b'{"error": "not found", "status": 404}\n',
+    "txt": b"Access denied\n",
+    "empty": b"",
+}
 
 def png(name: str, width: int, height: int) -> bytes:
     """A tiny PNG whose pixels depend on ``name``, so every URL serves different bytes."""
@@ -24,6 +33,21 @@ def png(name: str, width: int, height: int) -> bytes:
     buf = io.BytesIO()
     Image.frombytes("RGB", (width, height), pixels).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def typed_body(filename: str) -> bytes:
+    """``<name>.<ext>``: a 6x4 image in the format of ``ext`` with pixels from ``name``, or a page."""
+    name, ext = filename.rsplit(".", 1)
+    if ext in PAGES:
+        return PAGES[ext]
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png(name, 6, 4))).save(buf, format=FORMATS[ext])
+    return buf.getvalue()
+
+
+def typed(content_type: str | None, filename: str) -> str:
+    """The path that serves ``typed_body(filename)`` as ``content_type`` (None: no such header)."""
+    return f"/typed/{quote(content_type, safe='') if content_type is not None else '-'}/{filename}"
 
 
 # ----------------------------------------------------------------------------------- the server
@@ -89,7 +113,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._status(int(args[0]))
         if kind in ("big", "stream"):  # /big/<n>: n bytes with Content-Length; /stream/<n>: without
             size = int(args[0])
-            return self._send(bytes(size), length=size if kind == "big" else None, path=path)
+            body = png("big", 4, 4).ljust(size, b"\0")  # an image padded to n bytes
+            return self._send(body, length=size if kind == "big" else None, path=path)
+        if kind == "typed":  # /typed/<quoted Content-Type or ->/<name>.<ext>
+            content_type = None if args[0] == "-" else unquote(args[0])
+            body = typed_body(args[1])
+            return self._send(body, length=len(body), path=path, content_type=content_type)
         if kind == "badlength":  # a Content-Length no parser can read, body until close
             body = png("badlength", 4, 4)
             return self._send(body, length="lots", path=path)
@@ -125,9 +154,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    def _send(self, body: bytes, length: int | str | None, path: str) -> None:
+    def _send(self, body: bytes, length: int | str | None, path: str, content_type: str | None = "image/png") -> None:
         self.send_response(200)
-        self.send_header("Content-Type", "image/png")
+        if content_type is not None:
+            self.send_header("Content-Type", content_type)
         if length is not None:
             self.send_header("Content-Length", str(length))
         self.end_headers()

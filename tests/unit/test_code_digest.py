@@ -99,6 +99,9 @@ NOT_TRAINING_MATH = {
     "imager.data", "imager.data.download", "imager.data.images", "imager.data.records", "imager.data.shard",
     "imager.evaluation", "imager.evaluation.config",
     "imager.samplers", "imager.samplers.denoiser", "imager.samplers.guidance", "imager.samplers.registry", "imager.samplers.solvers",
+    # sampling draws the grids, which the weights never see (inference/images.py, the image helpers, is training code)
+    "imager.inference", "imager.inference.config", "imager.inference.sampling", "imager.inference.cascade",
+    "imager.data.config", "imager.text.config", "imager.text.factory",
 }  # fmt: skip
 
 

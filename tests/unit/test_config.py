@@ -108,3 +108,22 @@ def test_sections_are_frozen():
     params = config.parse({})
     with pytest.raises(ValidationError, match="frozen"):
         params.shard.resolution = 32  # type: ignore[misc]
+
+
+def test_each_section_is_defined_by_the_package_that_owns_it():
+    from imager.data import config as data_config
+    from imager.text import config as text_config
+
+    owned = {
+        data_config: ("Download", "Shard", "OpenMojiSource", "FolderSource", "UrlsSource", "HfSource"),
+        text_config: ("Embed", "MiniLMEncoder", "ClipEncoder", "T5Encoder"),
+    }
+    for module, names in owned.items():
+        assert all(getattr(module, name).__module__ == module.__name__ for name in names)
+    fields = config.Params.model_fields
+    assert fields["download"].annotation is data_config.Download and fields["shard"].annotation is data_config.Shard
+    assert fields["embed"].annotation is text_config.Embed
+    assert config.Params().embed.prompts == text_config.DEFAULT_PROMPTS
+    # imager.config gathers the sections: it re-exports none of their parts.
+    parts = ("OpenMojiSource", "FolderSource", "UrlsSource", "HfSource", "MiniLMEncoder", "ClipEncoder", "T5Encoder", "DEFAULT_PROMPTS")
+    assert [name for name in parts if hasattr(config, name)] == []

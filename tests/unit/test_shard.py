@@ -14,6 +14,8 @@ import webdataset as wds
 from PIL import Image
 
 from imager import config
+from imager.data.images import Rejected, odd_mode
+from imager.data.records import Skip
 from imager.data.shard import read_index, shard, shard_paths, split_of
 from imager.errors import DataError
 from tests.conftest import make_download, png_bytes
@@ -39,6 +41,8 @@ def odd_inputs() -> dict[str, bytes]:
     frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
     i16 = io.BytesIO()
     Image.fromarray(np.full((16, 16), 40000, dtype=np.uint16)).save(i16, format="PNG")
+    i16b = io.BytesIO()
+    Image.fromarray(np.full((16, 16), 40000, dtype=">u2")).save(i16b, format="TIFF")  # opens as I;16B
     pal = Image.new("P", (16, 16), 1)
     pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
     pal_buf = io.BytesIO()
@@ -46,6 +50,7 @@ def odd_inputs() -> dict[str, bytes]:
     return {
         "cmyk": png_bytes((0, 255, 255, 0), mode="CMYK", fmt="JPEG"),
         "sixteen": i16.getvalue(),
+        "sixteen_big_endian": i16b.getvalue(),
         "palette": pal_buf.getvalue(),
         "animated": gif.getvalue(),
     }
@@ -81,9 +86,10 @@ def test_corrupt_inputs_are_skipped_and_counted(tmp_path):
         "empty_file": 1,
         "missing_file": 1,
         "not_an_image": 1,
-        "odd_mode:CMYK": 1,
-        "odd_mode:I;16": 1,
-        "odd_mode:P": 1,
+        "odd_mode_cmyk": 1,
+        "odd_mode_i16": 1,
+        "odd_mode_i16b": 1,
+        "odd_mode_p": 1,
         "too_many_pixels": 1,
         "truncated": 1,
     }
@@ -95,12 +101,28 @@ def test_corrupt_inputs_are_skipped_and_counted(tmp_path):
 def test_odd_modes_convert_keeps_them_with_the_right_colours(tmp_path):
     download = make_download(tmp_path / "raw", odd_inputs())
     report = shard(download, tmp_path / "shards", shard_cfg(odd_modes="convert"))
-    assert report["kept"] == 4 and report["skipped"] == 0
-    assert report["converted_by_mode"] == {"animated": 1, "odd_mode:CMYK": 1, "odd_mode:I;16": 1, "odd_mode:P": 1}
+    assert report["kept"] == 5 and report["skipped"] == 0
+    assert report["converted_by_mode"] == {"animated": 1, "odd_mode_cmyk": 1, "odd_mode_i16": 1, "odd_mode_i16b": 1, "odd_mode_p": 1}
     images = {s["__key__"]: np.asarray(Image.open(io.BytesIO(s["png"]))) for s in read_shards(tmp_path / "shards")}
     assert tuple(images["palette"][8, 8]) == (10, 200, 30)
     assert abs(int(images["sixteen"][8, 8, 0]) - 40000 // 256) <= 1  # 16-bit scaled to 8-bit
+    assert abs(int(images["sixteen_big_endian"][8, 8, 0]) - 40000 // 256) <= 1
     assert images["cmyk"][8, 8, 0] > 200 and (images["cmyk"][8, 8, 1:] < 40).all()  # C=0 M=Y=100%: red
+
+
+@pytest.mark.parametrize(
+    "mode, reason",
+    [("I;16", "odd_mode_i16"), ("I;16B", "odd_mode_i16b"), ("CMYK", "odd_mode_cmyk"), ("YCbCr", "odd_mode_ycbcr"), ("1", "odd_mode_1")],
+)
+def test_odd_mode_reasons_are_mlflow_metric_names(mode, reason):
+    assert odd_mode(mode) == reason
+
+
+def test_a_reason_that_is_not_a_metric_name_is_a_bug():
+    with pytest.raises(ValueError, match=r"'odd_mode:I;16' must match"):
+        Rejected("odd_mode:I;16")
+    with pytest.raises(ValueError, match=r"'HTTP 404' must match"):
+        Skip("HTTP 404", "http://127.0.0.1/a.png")
 
 
 def test_alpha_is_composited_on_white(tmp_path):

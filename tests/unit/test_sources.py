@@ -163,10 +163,51 @@ def test_folder_with_captions_table(tmp_path, fmt):
     assert report["skipped_by_reason"] == {"empty_caption": 1, "missing_file": 1}
 
 
+def test_folder_captions_must_be_utf8(tmp_path, caplog):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, caption in [("a", "caf\u00e9 au lait".encode()), ("b", b"caf\xe9"), ("c", b"\xff\xfe"), ("d", b"\xef\xbb\xbfbom  cat")]:
+        (src / f"{name}.png").write_bytes(png_bytes())
+        (src / f"{name}.txt").write_bytes(caption)
+    (src / "notes.json").write_text("{}")
+    (src / "notes.txt").write_bytes(b"\xe9")  # beside a file that is not an image: that reason wins
+    with caplog.at_level("WARNING", logger="imager.data"):
+        report = download(dl_cfg(source="folder", folder={"path": str(src)}), tmp_path / "out")
+    assert report["skipped_by_reason"] == {"caption_not_utf8": 2, "unsupported_file": 1}
+    manifest = {r["key"]: r["caption"] for r in map(json.loads, (tmp_path / "out" / "manifest.jsonl").read_text().splitlines())}
+    assert manifest == {"a": "caf\u00e9 au lait", "d": "bom cat"}  # the UTF-8 BOM is not part of the text
+    warnings = [r.getMessage() for r in caplog.records if "UTF-8" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{src / 'b.txt'}: caption is not valid UTF-8")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_folder_table_captions_must_be_utf8(tmp_path, fmt):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("good", "bad"):
+        (src / f"{name}.png").write_bytes(png_bytes())
+    if fmt == "jsonl":
+        text = b'{"file": "good.png", "caption": "caf\xc3\xa9"}\n{"file": "bad.png", "caption": "caf\xe9"}\n'
+    else:
+        text = b"file,caption\ngood.png,caf\xc3\xa9\nbad.png,caf\xe9\n"
+    (src / f"captions.{fmt}").write_bytes(text)
+    report = download(dl_cfg(source="folder", folder={"path": str(src), "captions": f"captions.{fmt}"}), tmp_path / "out")
+    assert report["skipped_by_reason"] == {"caption_not_utf8": 1}
+    [record] = map(json.loads, (tmp_path / "out" / "manifest.jsonl").read_text().splitlines())
+    assert (record["key"], record["caption"]) == ("good", "caf\u00e9")
+
+
 def test_folder_errors_name_the_problem(tmp_path):
-    with pytest.raises(SourceError, match="download.folder.path: .* is not a directory"):
+    with pytest.raises(SourceError, match=r"^params.yaml: download.folder.path: .*nope: directory not found$"):
         download(dl_cfg(source="folder", folder={"path": str(tmp_path / "nope")}), tmp_path / "out")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SourceError, match=r"^params.yaml: download.folder.path: .*file: not a directory$"):
+        download(dl_cfg(source="folder", folder={"path": str(tmp_path / "file")}), tmp_path / "out")
     (tmp_path / "src").mkdir()
+    cfg = dl_cfg(source="folder", folder={"path": str(tmp_path / "src"), "captions": "gone.csv"})
+    with pytest.raises(SourceError) as info:
+        download(cfg, tmp_path / "out")
+    assert str(info.value) == f"params.yaml: download.folder.captions: {tmp_path / 'src' / 'gone.csv'}: file not found"
     (tmp_path / "src" / "caps.csv").write_text("file,text\na.png,x\n")
     cfg = dl_cfg(source="folder", folder={"path": str(tmp_path / "src"), "captions": "caps.csv"})
     with pytest.raises(SourceError, match=r"caps.csv: no column 'caption' \(columns: file, text\)"):

@@ -17,8 +17,9 @@ import torch
 
 from imager import config
 from imager.errors import DataError, EncoderError
-from imager.text.base import TextEmbeddings, load_text_encoder
+from imager.text.base import TextEmbeddings
 from imager.text.cache import KEYS, META, TENSORS, EmbeddingCache, build_cache, read_captions
+from imager.text.factory import load_text_encoder
 
 FP32 = dict(rtol=1e-5, atol=1e-5)  # same float32 ops in a different order / batch layout
 FP16 = dict(rtol=0, atol=1e-3)  # cache storage: fp16 has 11 significant bits; values are within [-1, 1]
@@ -49,6 +50,22 @@ def masked_mean_f64(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Reference masked mean in float64: sum of real tokens / count of real tokens."""
     t, m = tokens.double(), mask.double().unsqueeze(-1)
     return (t * m).sum(1) / m.sum(1)
+
+
+def test_the_interface_does_not_import_its_implementations():
+    """imager.text.base is what every encoder imports; the factory imports the encoders."""
+    import ast
+
+    import imager.text
+    import imager.text.base
+    import imager.text.factory
+
+    tree = ast.parse(Path(imager.text.base.__file__).read_text(encoding="utf-8"))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert [m for m in imported if m and m.startswith("imager.text")] == []
+    assert imager.text.load_text_encoder is imager.text.factory.load_text_encoder
+    assert imager.text.TextEncoder is imager.text.base.TextEncoder
 
 
 # ------------------------------------------------------------------------------------------ MiniLM

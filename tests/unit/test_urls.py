@@ -28,7 +28,7 @@ from imager.data.download import download
 from imager.errors import SourceError
 from imager.io import read_jsonl, sha256_bytes
 
-from tests.unit.http_server import ImageServer, png
+from tests.unit.http_server import ImageServer, png, typed
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -221,6 +221,23 @@ def test_invalid_duplicate_and_captionless_rows_are_skipped_unrequested(server, 
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_caption_that_is_not_utf8_is_skipped_unrequested(server, tmp_path, suffix):
+    good, bad = ok_rows(server, 2)
+    if suffix == ".csv":
+        text = f"url,caption\n{good['url']},caf\u00e9 cr\u00e8me\n".encode() + f"{bad['url']},caf".encode() + b"\xe9\n"
+    else:
+        text = json.dumps({"url": good["url"], "caption": "caf\u00e9 cr\u00e8me"}, ensure_ascii=False).encode() + b"\n"
+        text += json.dumps({"url": bad["url"], "caption": "caf"}).encode()[:-2] + b'\xe9"}\n'
+    listing = tmp_path / f"list{suffix}"
+    listing.write_bytes(text)
+    report = download(urls_params(listing), tmp_path / "out", tmp_path / "cache")
+    assert report == expected_report([good, bad], {"caption_not_utf8": 1})
+    [record] = read_jsonl(tmp_path / "out" / "manifest.jsonl")
+    assert (record["origin"], record["caption"]) == (good["url"], "caf\u00e9 cr\u00e8me")
+    assert server.requests() == [urlparse(good["url"]).path]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_expected_checksums_are_verified(server, tmp_path, suffix):
     right = sha256_bytes(png("right", 5, 5))
     rows = [
@@ -262,6 +279,62 @@ def test_unreadable_content_length_does_not_abort_the_run(server, tmp_path):
     assert report == expected_report(rows, {})
     # Without a usable length the body is read until the server closes: all of it.
     assert manifest[rows[0]["url"]]["sha256"] == sha256_bytes(server.body(rows[0]["url"]))
+
+
+def test_answers_that_are_not_images_are_skipped_and_never_cached(server, tmp_path):
+    not_images = [
+        typed("text/html", "page.html"),
+        typed("text/html; charset=utf-8", "page.html"),
+        typed("application/json", "error.json"),
+        typed("text/plain", "denied.txt"),
+        typed("text/html", "real.png"),  # an image the server says is a page: not taken
+        typed("image/png", "page.html"),  # the type says image, the bytes are a page
+        typed("image/jpeg", "error.json"),
+        typed(None, "page.html"),
+        typed("application/octet-stream", "denied.txt"),
+    ]
+    rows = [{"url": server.url(p), "caption": f"answer {i}"} for i, p in enumerate(not_images)]
+    rows += [{"url": server.url(typed("image/png", "nothing.empty")), "caption": "empty"}, *ok_rows(server, 2)]
+    report, manifest, _ = run(tmp_path, rows, retries=3)
+    assert report == expected_report(rows, {"not_an_image": len(not_images), "empty_file": 1})
+    assert set(manifest) == {r["url"] for r in rows[-2:]}
+    assert set(cache_entries(tmp_path / "cache")) == set(manifest)
+    assert all(server.count(r["url"]) == 1 for r in rows)  # an answer is not retried
+
+    before = server.requests()
+    report2, _, _ = run(tmp_path, rows, out="out2")
+    assert report2 == report
+    assert sorted(server.requests()[len(before) :]) == sorted(urlparse(r["url"]).path for r in rows[:-2])
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "image/png", "image/jpeg", "IMAGE/WEBP; q=1", "image/x-anything", "application/octet-stream", "binary/octet-stream"],
+)
+def test_images_of_every_format_are_kept_under_any_image_type(server, tmp_path, content_type):
+    extensions = {"png": "png", "jpg": "jpg", "gif": "gif", "webp": "webp", "bmp": "bmp", "tif": "tif", "ico": "img"}
+    rows = [{"url": server.url(typed(content_type, f"pic{i}.{ext}")), "caption": ext} for i, ext in enumerate(extensions)]
+    report, manifest, out = run(tmp_path, rows)
+    assert report == expected_report(rows, {})
+    for row in rows:
+        rec, served = manifest[row["url"]], server.body(row["url"])
+        assert (out / rec["file"]).read_bytes() == served and rec["sha256"] == sha256_bytes(served)
+        assert rec["file"].endswith("." + extensions[row["caption"]]) and (rec["width"], rec["height"]) == (6, 4)
+
+
+def test_a_cached_answer_that_is_not_an_image_is_fetched_again(server, tmp_path):
+    rows = ok_rows(server, 2)
+    run(tmp_path, rows)
+    cache = tmp_path / "cache"
+    meta = next(m for m in cache.glob("*.json") if json.loads(m.read_text())["url"] == rows[0]["url"])
+    page = b"<html><body>Please complete the captcha</body></html>"
+    meta.with_suffix(".data").write_bytes(page)  # intact record and checksum, but a page
+    meta.write_text(json.dumps({"url": rows[0]["url"], "sha256": sha256_bytes(page), "bytes": len(page)}))
+    before = server.requests()
+    report, manifest, out = run(tmp_path, rows, out="out2")
+    assert server.requests()[len(before) :] == [urlparse(rows[0]["url"]).path]
+    assert report == expected_report(rows, {})
+    assert (out / manifest[rows[0]["url"]]["file"]).read_bytes() == server.body(rows[0]["url"])
 
 
 # -------------------------------------------------------------------------------------- resume
@@ -379,13 +452,11 @@ def test_killed_cli_leaves_no_output_and_the_rerun_fetches_only_the_rest(server,
         ("list.txt", "http://127.0.0.1/a.png a\n", r"unsupported table format '\.txt'"),
         ("list.parquet", "this is not parquet", r"cannot parse parquet table"),
         ("list.jsonl", '{"url": "http://127.0.0.1/a.png", "caption": \n', r"cannot parse jsonl table"),
-        ("list.csv", None, r"table file not found"),
     ],
 )
 def test_bad_list_file_is_a_source_error_naming_it(server, tmp_path, name, content, expected):
     listing = tmp_path / name
-    if content is not None:
-        listing.write_text(content, encoding="utf-8")
+    listing.write_text(content, encoding="utf-8")
     with pytest.raises(SourceError) as info:
         download(urls_params(listing), tmp_path / "out", tmp_path / "cache")
     message = str(info.value)

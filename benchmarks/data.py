@@ -5,10 +5,10 @@ Both sides read the same PNG bytes into batches of the same size, in one process
 :func:`imager.data.images.decode_png`, Pillow), so the ratio is the container's: an indexed tar
 shard vs one file per sample. The folder holds the shards' own PNGs, written to a temporary
 directory first; both are read from the page cache once warm (the first rounds are warm-up). The
-shard index (one ``tarfile`` pass per shard, then cached) is built before timing, as the folder
-side's file list is: both are one-time costs, and a loader meets each shard's on first touch.
-Without shards (no index.json), a small synthetic shard set is made with
-:func:`imager.data.shard.shard` so the benchmark still runs.
+shard index (one ``tarfile`` pass per shard, then cached) is built before timing by
+:meth:`ShardLoader.build_index`, as the folder side's file list is: both are one-time costs, and a
+loader meets each shard's on first touch. Without shards (no index.json), a small synthetic shard
+set is made with :func:`imager.data.shard.shard` so the benchmark still runs.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imager.bench.measure import interleaved, median
-from imager.bench.report import Comparison
-from imager.config import Shard
+from benchmarks.measure import interleaved, median
+from benchmarks.report import Comparison
+from imager.data.config import Shard
 from imager.data.images import decode_png
 from imager.data.shard import INDEX, shard, shard_paths
-from imager.training.loader import ShardLoader, shard_index
+from imager.training.loader import ShardLoader
 
 log = logging.getLogger(__name__)
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "black", "white")
@@ -103,10 +103,9 @@ def bench_data(shards_dir: Path, tmp: Path, *, batch_size: int, batches: int, sh
         path.write_bytes(s.png)
         files.append(path)
     loader = ShardLoader(shards_dir, "train", batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer, num_workers=0)
-    index_seconds = time.perf_counter()
-    for path in loader.spec.shards:
-        shard_index(path)
-    index_seconds = time.perf_counter() - index_seconds
+    started = time.perf_counter()
+    loader.build_index()
+    index_seconds = time.perf_counter() - started
     shard_batches = iter(loader)
     file_stream = cycle(files)
 

@@ -1,4 +1,5 @@
-"""Comparison 1: a training step of Imager's UNet vs diffusers' UNet2DConditionModel of matched size.
+"""Comparison 1: a training step of Imager's UNet vs diffusers' UNet2DConditionModel of matched size
+(:mod:`benchmarks.models`: the network ``arch: diffusers`` trains).
 
 Three rows: images/s (interleaved, median step time), utilisation (:func:`utilisation_row`: FLOPs
 of forward + backward (by shape) × steps/s over the fp32 matmul throughput, timed in the same
@@ -14,19 +15,11 @@ from typing import Any
 
 import torch
 
-from imager.bench.machine import matmul_peak, matmul_round
-from imager.bench.measure import count_flops, interleaved, measure_peak, median
-from imager.bench.models import (
-    TrainStep,
-    diffusers_forward,
-    diffusers_unet,
-    imager_forward,
-    imager_unet,
-    matched_sizes,
-    random_batch,
-)
-from imager.bench.quality import network_label
-from imager.bench.report import Comparison
+from benchmarks.machine import matmul_peak, matmul_round
+from benchmarks.measure import count_flops, interleaved, measure_peak, median
+from benchmarks.models import TrainStep, diffusers_unet, imager_unet, matched_sizes, random_batch
+from benchmarks.quality import network_label
+from benchmarks.report import Comparison
 from imager.models.config import UNetConfig
 
 log = logging.getLogger(__name__)
@@ -37,18 +30,15 @@ REGION = (f"building the model and AdamW, then {MEMORY_STEPS} training steps, ea
           "alternating measurements after one unmeasured run of each")
 
 
-def _make(name: str, config: UNetConfig, resolution: int, seed: int, device: torch.device) -> TrainStep:
-    if name == "imager":
-        model = imager_unet(config, seed).to(device)
-        return TrainStep(model, imager_forward(model))
-    model = diffusers_unet(config, resolution, seed).to(device)
-    return TrainStep(model, diffusers_forward(model))
+def _make(name: str, config: UNetConfig, seed: int, device: torch.device) -> TrainStep:
+    build = imager_unet if name == "imager" else diffusers_unet
+    return TrainStep(build(config, seed).to(device))
 
 
-def _peak_memory(name: str, config: UNetConfig, resolution: int, batch, seed: int, device: torch.device):
+def _peak_memory(name: str, config: UNetConfig, batch, seed: int, device: torch.device):
     """Peak memory of building ``name`` with its optimizer and running :data:`MEMORY_STEPS` steps, alone."""
     with measure_peak(device) as peak:
-        step = _make(name, config, resolution, seed, device)
+        step = _make(name, config, seed, device)
         for _ in range(MEMORY_STEPS):
             step(batch)
     del step
@@ -56,16 +46,16 @@ def _peak_memory(name: str, config: UNetConfig, resolution: int, batch, seed: in
     return peak
 
 
-def _peak_memories(names, config: UNetConfig, resolution: int, batch, seed: int, device: torch.device) -> dict[str, Any]:
+def _peak_memories(names, config: UNetConfig, batch, seed: int, device: torch.device) -> dict[str, Any]:
     """Median peak memory of each model over :data:`MEMORY_ROUNDS` alternating measurements, after
     one unmeasured run of each: the first run of a process pays one-time costs (thread pools,
     kernel caches: 100-300 MiB on CPU) that would otherwise be charged to whichever model came first."""
     for name in names:
-        _peak_memory(name, config, resolution, batch, seed, device)
+        _peak_memory(name, config, batch, seed, device)
     runs: dict[str, list] = {name: [] for name in names}
     for _ in range(MEMORY_ROUNDS):
         for name in names:
-            runs[name].append(_peak_memory(name, config, resolution, batch, seed, device))
+            runs[name].append(_peak_memory(name, config, batch, seed, device))
     return {name: sorted(r, key=lambda p: p.bytes)[len(r) // 2] for name, r in runs.items()}
 
 
@@ -74,16 +64,16 @@ def bench_training(config: UNetConfig, *, batch_size: int, resolution: int, repe
     """(the speed, utilisation and memory comparisons, the shared details: sizes, FLOPs, step times,
     achieved GFLOP/s, the matmul peak). Each round times Imager's step, diffusers' step and one
     ``matmul_size``² fp32 matmul, one after the other."""
-    sizes = matched_sizes(config, resolution)
+    sizes = matched_sizes(config)
     if not sizes["within_tolerance"]:
         log.warning("the diffusers model has %+.1f %% parameters vs Imager's (tolerance ±%.0f %%)",
                     100 * sizes["relative_difference"], 100 * sizes["tolerance"])
     batch = random_batch(config, batch_size, resolution, device, seed, timesteps)
     names = ("imager", "diffusers")
 
-    memory = _peak_memories(names, config, resolution, batch, seed, device)
+    memory = _peak_memories(names, config, batch, seed, device)
 
-    steps = {name: _make(name, config, resolution, seed, device) for name in names}
+    steps = {name: _make(name, config, seed, device) for name in names}
     flops = {}
     for name, step in steps.items():
         flops[name] = count_flops(lambda step=step: step.loss_backward(batch))
@@ -104,7 +94,7 @@ def bench_training(config: UNetConfig, *, batch_size: int, resolution: int, repe
         "resolution": resolution,
         "text": {"tokens": [batch_size, config.context_length, config.text_dim], "pooled": [batch_size, config.pooled_dim],
                  "diffusers": "tokens by cross-attention (encoder_hidden_states + encoder_attention_mask); no pooled input"},
-        "step": "forward + MSE loss + backward + AdamW step (fp32), random inputs",
+        "step": "forward (Denoiser interface, as the training loop calls both) + MSE loss + backward + AdamW step (fp32), random inputs",
         "step_seconds": {n: {"median": seconds[n], "all": times[n]} for n in names},
         "flops_per_step": flops,
         "flops_definition": "forward + backward, by FlopCounterMode (matmul, conv, attention; elementwise ops count 0)",

@@ -1,17 +1,17 @@
 """Comparison 2: sampling throughput, and (trained models only) DPM-Solver++ vs DDPM quality.
 
-Speed: Imager's base-model sampling as the cascade does it (classifier-free guidance by
-:func:`imager.samplers.cfg_net` on the doubled batch, :func:`imager.samplers.model_denoiser`,
-DPM-Solver++(2M) through :func:`imager.samplers.sample`; :func:`imager_sample` is
-:func:`imager.training.grid.sample_model` with the noise drawn on the model's device) vs the
-matched diffusers UNet driven by ``DPMSolverMultistepScheduler`` (dpmsolver++, order 2, trailing
-spacing, Imager's own betas and prediction target), CFG by batch doubling. Same batch, steps and
-guidance scale; random weights (throughput does not depend on them).
+Speed: Imager's base-model sampling through the library's one inference path,
+:meth:`imager.inference.Stage.sample` (DPM-Solver++(2M) with its trailing spacing, classifier-free
+guidance on the doubled batch), vs the baseline's ``UNet2DConditionModel`` (the ``net`` of
+:func:`benchmarks.models.diffusers_unet`) driven by diffusers' own loop: ``DPMSolverMultistepScheduler``
+(dpmsolver++, order 2, trailing spacing, Imager's betas and prediction target), CFG by batch
+doubling. Same batch, steps and guidance scale; random weights (throughput does not depend on them).
 
 Quality (``--fid``): the trained base model, 20 DPM-Solver++ steps (the ODE solver and its SDE
-variant) vs 1000 DDPM steps, and 20 vs 1000 DPM-Solver++(2M) steps (convergence), each scored with
-the evaluator's FID against the held-out reference (imager.evaluation.run.held_out, Scorer) on
-the images of several noise seeds pooled.
+variant) vs 1000 DDPM steps, and 20 vs 1000 DPM-Solver++(2M) steps (convergence), each drawn by
+:meth:`imager.inference.Cascade.generate` and scored with the evaluator's FID against the held-out
+reference (:func:`imager.evaluation.run.held_out`, :class:`~imager.evaluation.run.Scorer`) on the
+images of several noise seeds pooled.
 """
 
 from __future__ import annotations
@@ -19,37 +19,28 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from imager.bench.measure import interleaved, median
-from imager.bench.models import diffusers_unet, imager_unet, random_batch, require_diffusers
-from imager.bench.report import Comparison
-from imager.bench.stats import jackknife_fids, ratio_interval
+from benchmarks.measure import interleaved, median
+from benchmarks.models import diffusers_unet, imager_unet, random_batch
+from benchmarks.report import Comparison
+from benchmarks.stats import jackknife_fids, ratio_interval
 from imager.diffusion.schedule import NoiseSchedule
 from imager.evaluation.config import Evaluate
+from imager.inference.config import CascadeSampling, StageSampling
+from imager.inference.sampling import Stage
 from imager.models.config import UNetConfig
-from imager.samplers import cfg_net, model_denoiser, sample
+from imager.models.diffusers_unet import require_diffusers
+
+if TYPE_CHECKING:
+    from imager.evaluation.run import HeldOut
+    from imager.inference.cascade import Cascade
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
-
-
-@torch.no_grad()
-def imager_sample(model, schedule: NoiseSchedule, prediction: str, cond: tuple[Tensor, Tensor, Tensor], *,
-                  resolution: int, sampler: str, steps: int, guidance: float, seed: int) -> Tensor:
-    """(B, C, R, R) samples, exactly as ``sample_model`` draws them, on the model's device."""
-    model.eval()
-    device = next(model.parameters()).device
-    tokens, mask, pooled = cond
-    null = model.null_condition(tokens.shape[0])
-    net = lambda x, t, tk, mk, pl: model(x, t, tk, mk, pl)  # noqa: E731
-    guided = cfg_net(net, (tokens, mask, pooled), null, guidance)
-    denoise = model_denoiser(guided, schedule, prediction)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    shape = (tokens.shape[0], model.config.out_channels, resolution, resolution)
-    return sample(denoise, shape, schedule, sampler=sampler, steps=steps, generator=gen).clamp(-1, 1)
 
 
 def diffusers_scheduler(schedule: NoiseSchedule, prediction: str):
@@ -89,16 +80,16 @@ def diffusers_sample(unet, scheduler, cond: tuple[Tensor, Tensor], null: tuple[T
 
 def bench_sampling(config: UNetConfig, schedule: NoiseSchedule, prediction: str, *, batch_size: int, resolution: int,
                    steps: int, guidance: float, repeats: int, warmup: int, seed: int, device: torch.device) -> Comparison:
-    ours = imager_unet(config, seed).to(device).eval()
-    theirs = diffusers_unet(config, resolution, seed).to(device).eval()
+    ours = Stage(model=imager_unet(config, seed).to(device).eval(), schedule=schedule, prediction=prediction, resolution=resolution)
+    theirs = diffusers_unet(config, seed).to(device).eval()
     scheduler = diffusers_scheduler(schedule, prediction)
     b = random_batch(config, batch_size, resolution, device, seed)
-    null_tokens, null_mask, _ = ours.null_condition(1)
+    sampling = StageSampling(sampler="dpmpp_2m", steps=steps, guidance=guidance)
+    null_tokens, null_mask, _ = theirs.null_condition(1)
     contenders = {
-        "imager": lambda: imager_sample(ours, schedule, prediction, (b.tokens, b.mask, b.pooled), resolution=resolution,
-                                        sampler="dpmpp_2m", steps=steps, guidance=guidance, seed=seed),
-        "diffusers": lambda: diffusers_sample(theirs, scheduler, (b.tokens, b.mask), (null_tokens, null_mask), resolution=resolution,
-                                              steps=steps, guidance=guidance, seed=seed),
+        "imager": lambda: ours.sample((b.tokens, b.mask, b.pooled), sampling, seed=seed),
+        "diffusers": lambda: diffusers_sample(theirs.net, scheduler, (b.tokens, b.mask), (null_tokens, null_mask),
+                                              resolution=resolution, steps=steps, guidance=guidance, seed=seed),
     }
     times = interleaved(contenders, repeats=repeats, warmup=warmup, device=device, desc="bench: sampling")
     ips = {n: batch_size / median(t) for n, t in times.items()}
@@ -110,7 +101,7 @@ def bench_sampling(config: UNetConfig, schedule: NoiseSchedule, prediction: str,
         "network_evaluations_per_image": steps,
         "cfg": "one forward on the doubled batch (2B) per step, both",
         "seconds_per_batch": {n: {"median": median(t), "all": t} for n, t in times.items()},
-        "imager": "imager.samplers: cfg_net + model_denoiser + sample('dpmpp_2m', trailing)",
+        "imager": "imager.inference.Stage.sample with StageSampling(sampler='dpmpp_2m'): trailing spacing",
         "diffusers": "DPMSolverMultistepScheduler(dpmsolver++, solver_order=2, timestep_spacing='trailing', Imager's betas)",
     }
     return Comparison("sampling_speed", f"Sampling, {steps} steps, CFG", "images/s", "Imager DPM-Solver++(2M)", ips["imager"],
@@ -123,32 +114,44 @@ CONVERGED = "dpmpp_2m_converged"  # DPM-Solver++(2M) at the reference step count
 
 
 def bench_fid(base_model: Path, evaluator_path: Path, *, shards_dir: Path, cache_dir: Path, cfg: Evaluate, prompts: int,
-              steps: int, reference_steps: int, seeds: int) -> list[Comparison]:
-    """FID (evaluator) of the trained base model: each of :data:`FID_SAMPLERS` at ``steps`` vs DDPM at
+              steps: int, reference_steps: int, seeds: int, device: torch.device) -> list[Comparison]:
+    """:func:`fid_comparisons` of the trained base model at ``base_model`` (sampled on ``device``),
+    scored by the evaluator at ``evaluator_path`` on ``prompts`` held-out prompts of the shards."""
+    from imager.evaluation.evaluator import load_evaluator
+    from imager.evaluation.run import held_out
+    from imager.inference.cascade import Cascade
+    from imager.text.cache import EmbeddingCache
+
+    cascade = Cascade.load(base_model, device=device)
+    cfg = cfg.model_copy(update={"prompts": prompts, "grid_rows": min(cfg.grid_rows, prompts)})
+    data = held_out(shards_dir, EmbeddingCache(cache_dir), cfg)
+    rows = fid_comparisons(cascade, load_evaluator(evaluator_path), data, cfg, steps=steps, reference_steps=reference_steps,
+                           seeds=seeds)
+    rows[0].details["model"] = str(base_model)  # the rows share one details dict
+    return rows
+
+
+def fid_comparisons(cascade: Cascade, evaluator: torch.nn.Module, data: HeldOut, cfg: Evaluate, *, steps: int, reference_steps: int,
+                    seeds: int) -> list[Comparison]:
+    """Evaluator FID of ``cascade``'s base model: each of :data:`FID_SAMPLERS` at ``steps`` vs DDPM at
     ``reference_steps``, and DPM-Solver++(2M) at ``steps`` vs itself at ``reference_steps`` (is it
-    converged?), on the same held-out prompts, repeated over ``seeds`` noise seeds.
+    converged?), on the prompts of ``data``, repeated over ``seeds`` noise seeds.
 
     The rows compare the pooled FID: every seed's images together (prompts × seeds samples) against
     the held-out reference. FID is biased upwards at small sample counts, and its covariance estimate
     is rank-deficient below the feature dimension, so one FID over all the samples is a tighter
-    statistic than the median of per-seed FIDs, each from ``prompts`` samples. The per-seed values and their median are in
-    the details, with the RMS pixel difference between the ``steps`` and the ``reference_steps`` ODE
-    images of the same noise. Each row's ratio gets its 95 % interval from a paired delete-one
-    jackknife over prompts and reference images (:mod:`imager.bench.stats`)."""
-    from imager.cascade import Cascade
+    statistic than the median of per-seed FIDs, each from ``prompts`` samples. The per-seed values
+    and their median are in the details, with the RMS pixel difference between the ``steps`` and the
+    ``reference_steps`` ODE images of the same noise. Each row's ratio gets its 95 % interval from a
+    paired delete-one jackknife over prompts and reference images (:mod:`benchmarks.stats`)."""
     from imager.evaluation.config import Backbones
-    from imager.evaluation.evaluator import load_evaluator
-    from imager.evaluation.run import Scorer, held_out
-    from imager.text.cache import EmbeddingCache
-    from imager.training.tasks import downsample
+    from imager.evaluation.run import Scorer
+    from imager.inference.images import downsample
 
-    cascade = Cascade.load(base_model)
-    evaluator = load_evaluator(evaluator_path)
-    cfg = cfg.model_copy(update={"prompts": prompts, "grid_rows": min(cfg.grid_rows, prompts)})
-    data = held_out(shards_dir, EmbeddingCache(cache_dir), cfg)
-    scorer = Scorer(evaluator, data, cfg, cascade.base.resolution, Backbones())
+    resolution = cascade.base.resolution
+    scorer = Scorer(evaluator, data, cfg, resolution, Backbones())
     n = len(data.captions)
-    seed_list = [cfg.seed + k * n for k in range(seeds)]  # generate() seeds batch b with seed + b: no overlap
+    seed_list = [cfg.seed + k * n for k in range(seeds)]  # generate() seeds a batch with seed + its first index (< n): no overlap
     runs = {**{name: (name, steps) for name in FID_SAMPLERS}, "ddpm": ("ddpm", reference_steps), CONVERGED: ("dpmpp_2m", reference_steps)}
     fids: dict[str, list[float]] = {name: [] for name in runs}
     seconds: dict[str, list[float]] = {name: [] for name in runs}
@@ -156,9 +159,10 @@ def bench_fid(base_model: Path, evaluator_path: Path, *, shards_dir: Path, cache
     rms: list[float] = []
     for seed in seed_list:
         for name, (sampler, count) in runs.items():
+            sampling = CascadeSampling(sampler=sampler, base=StageSampling(steps=count, guidance=cfg.base.guidance), seed=seed,
+                                       batch_size=cfg.batch_size)
             started = time.perf_counter()
-            images, _ = cascade.generate(data.cond, sampler=sampler, base_steps=count, base_guidance=cfg.base.guidance,
-                                         seed=seed, batch_size=cfg.batch_size, use_sr=False)
+            images, _ = cascade.generate(data.cond, sampling, use_sr=False)
             seconds[name].append(time.perf_counter() - started)
             pooled[name].append(images)
             fids[name].append(scorer.score(images, data.targets, clip=False)["fid_evaluator"])
@@ -172,10 +176,11 @@ def bench_fid(base_model: Path, evaluator_path: Path, *, shards_dir: Path, cache
     results["dpmpp_2m"].update(rms_to_converged=median(rms), rms_to_converged_per_seed=rms)  # images in [-1, 1]
     details = {"prompts": n, "samples": n * seeds, "reference_images": int(data.reference.shape[0]), "guidance": cfg.base.guidance,
                "seeds": seed_list, "statistic": "FID of the images of all seeds together (fid_evaluator); per seed and their median too",
-               "model": str(base_model), **results}
+               **results}
+
     def features(images: Tensor) -> Tensor:  # what the Scorer's FID sees: evaluator(area-downsampled images)
         with torch.inference_mode():
-            return torch.cat([evaluator(b) for b in downsample(images, cascade.base.resolution).split(cfg.batch_size)])
+            return torch.cat([evaluator(b) for b in downsample(images, resolution).split(cfg.batch_size)])
 
     jack = jackknife_fids(features(data.reference), {name: features(torch.cat(pooled[name])) for name in runs}, clusters=n)
     pairs = [*((name, "ddpm") for name in FID_SAMPLERS), ("dpmpp_2m", CONVERGED)]

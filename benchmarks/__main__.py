@@ -1,8 +1,11 @@
-"""`imager bench`: Imager vs diffusers (training, sampling), the embedding cache vs on-the-fly
-encoding, and shards vs a PNG folder, measured in one process on this machine.
+"""``python -m benchmarks`` (``make bench``): Imager vs diffusers (training, sampling), the embedding
+cache vs on-the-fly encoding, and shards vs a PNG folder, measured in one process on this machine.
 
 Not a pipeline stage: it reads params.yaml (the base model, its resolution and batch, the text
-encoder) and, when present, the pipeline's shards, embedding cache and trained models.
+encoder) and, when present, the pipeline's shards, embedding cache and trained models. Every run
+writes its results to benchmarks/results/latest.json and latest.md (:data:`RESULTS`, git-ignored);
+only ``--publish`` also writes the committed report, docs/benchmarks.json and docs/benchmarks.md
+(:data:`PUBLISHED`), so trying the benchmark never changes the tracked files.
 """
 
 from __future__ import annotations
@@ -15,11 +18,18 @@ import typer
 from imager.errors import ConfigError
 from stages._common import ParamsOption, load_params, user_errors
 
+RESULTS = Path(__file__).resolve().parent / "results"  # git-ignored: the latest run's latest.json and latest.md
+PUBLISHED = Path(__file__).resolve().parents[1] / "docs"  # the committed benchmarks.json and benchmarks.md
 
+app = typer.Typer(name="benchmarks", add_completion=False, pretty_exceptions_show_locals=False)
+
+
+@app.command()
 @user_errors
 def bench(
-    json_out: Annotated[Path, typer.Option("--json", help="Results JSON: machine, settings, every comparison with its ratio.")] = Path("docs/benchmarks.json"),
-    markdown: Annotated[Path, typer.Option(help="Results as a markdown table.")] = Path("docs/benchmarks.md"),
+    json_out: Annotated[Path | None, typer.Option("--json", help="Results JSON: machine, settings, every comparison with its ratio. Default: benchmarks/results/latest.json (git-ignored).", show_default=False)] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Results as a markdown table. Default: benchmarks/results/latest.md (git-ignored).", show_default=False)] = None,
+    publish: Annotated[bool, typer.Option("--publish", help="Also write the committed report, docs/benchmarks.json and docs/benchmarks.md (not with --quick).")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes, 2 repeats: a seconds-long smoke run, not a measurement.")] = False,
     repeats: Annotated[int | None, typer.Option(min=1, help="Recorded rounds per comparison (medians over them). Default 5 (quick: 2).")] = None,
     warmup: Annotated[int | None, typer.Option(min=0, help="Unrecorded warm-up rounds first. Default 2 (quick: 1).")] = None,
@@ -43,9 +53,10 @@ def bench(
     """Benchmark Imager against diffusers and the simple alternatives; write JSON + markdown and print the table."""
     import torch
 
-    from imager.bench.models import require_diffusers
-    from imager.bench.run import COMPARISONS, QUICK_MODEL, BenchPaths, BenchSettings, run_bench
+    from benchmarks.run import COMPARISONS, QUICK_MODEL, BenchPaths, BenchSettings, run_bench
+    from imager.inference.sampling import resolve_device
     from imager.io import atomic_write_json, atomic_write_text
+    from imager.models.diffusers_unet import require_diffusers
 
     chosen = tuple(only) if only else COMPARISONS
     unknown = [c for c in chosen if c not in COMPARISONS]
@@ -53,6 +64,12 @@ def bench(
         raise ConfigError(f"--only: unknown comparison '{unknown[0]}'; valid: {', '.join(COMPARISONS)}")
     if chosen == ("quality",) and quality is None:
         raise ConfigError("--only quality needs --quality EXPERIMENT (a `dvc exp run -S train_base.model.arch=diffusers` run)")
+    if publish and quick:
+        raise ConfigError("--publish: a --quick run is a smoke test, not a measurement; drop --quick to update docs/benchmarks.md")
+    outputs = [(json_out or RESULTS / "latest.json", markdown or RESULTS / "latest.md")]
+    if publish:
+        outputs.append((PUBLISHED / "benchmarks.json", PUBLISHED / "benchmarks.md"))
+    run_on = resolve_device(device)
     if set(chosen) - {"quality"}:
         require_diffusers()  # the one-line install hint before anything slow
     p = load_params(params)
@@ -69,25 +86,25 @@ def bench(
         for path, what in ((base_model, "--base-model"), (evaluator, "--evaluator"), (embeddings / "meta.json", "--embeddings")):
             if not path.is_file():
                 raise ConfigError(f"{what}: {path} not found; --fid needs the trained pipeline (`dvc repro`)")
-    from imager.bench.machine import resolve_device
-
     report = run_bench(
         QUICK_MODEL if quick else tb.model, tb.schedule, tb.loss.prediction, p.embed, p.evaluate, settings=settings,
-        paths=BenchPaths(shards=shards, embeddings=embeddings, base_model=base_model, evaluator=evaluator), device=resolve_device(device),
+        paths=BenchPaths(shards=shards, embeddings=embeddings, base_model=base_model, evaluator=evaluator), device=run_on,
     )
-    atomic_write_json(json_out, report.to_json())
-    atomic_write_text(markdown, report.markdown())
+    for json_path, markdown_path in outputs:
+        atomic_write_json(json_path, report.to_json())
+        atomic_write_text(markdown_path, report.markdown())
     _print_table(report)
-    typer.echo(f"wrote {json_out} and {markdown}")
+    for json_path, markdown_path in outputs:
+        typer.echo(f"wrote {json_path} and {markdown_path}")
 
 
 def _print_table(report) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from imager.bench.report import HEADER
+    from benchmarks.report import HEADER
 
-    table = Table(title="imager bench", show_lines=False)
+    table = Table(title="python -m benchmarks", show_lines=False)
     for name in HEADER:  # the two value columns wrap; the title, ratio and mark stay whole
         table.add_column(name, overflow="fold", no_wrap=name not in ("Imager", "Baseline"))
     for row in report.rows():
@@ -96,3 +113,7 @@ def _print_table(report) -> None:
     console.print(table)
     for note in report.notes:
         console.print(f"- {note}", highlight=False)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,11 +1,11 @@
 """Comparison 3: training on the text-embedding cache vs encoding the captions every step.
 
-Both sides run the same Imager training step (imager.bench.models.TrainStep) on the same model and
-image batch; one gets its text condition from :meth:`EmbeddingCache.lookup` of the batch's shard
-keys (as the training loop does), the other from ``encoder.encode(captions)`` with the default
-encoder (``load_text_encoder(params.embed)``). The text part alone (lookup vs encode) is timed in
-the same rounds and reported in the details, since the step bounds the achievable ratio: with a
-step of s seconds and an encode of e, steps/s can improve at most (s + e) / s.
+Both sides run the same Imager training step (:class:`benchmarks.models.TrainStep`) on the same
+model and image batch; one gets its text condition from :meth:`EmbeddingCache.lookup` of the
+batch's shard keys (as the training loop does), the other from ``encoder.encode(captions)`` with
+the default encoder (``load_text_encoder(params.embed)``). The text part alone (lookup vs encode)
+is timed in the same rounds and reported in the details, since the step bounds the achievable
+ratio: with a step of s seconds and an encode of e, steps/s can improve at most (s + e) / s.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from imager.bench.data import Sample
-from imager.bench.measure import interleaved, median
-from imager.bench.models import TrainStep, imager_forward, imager_unet, random_batch, resolve_config
-from imager.bench.report import Comparison
+from benchmarks.data import Sample
+from benchmarks.measure import interleaved, median
+from benchmarks.models import TrainStep, imager_unet, random_batch, resolve_config
+from benchmarks.report import Comparison
 from imager.models.config import UNetConfig
 from imager.text.cache import META, EmbeddingCache, build_cache
 
@@ -47,8 +47,7 @@ def bench_cache(config: UNetConfig, encoder: Any, samples: list[Sample], *, cach
     chosen = [samples[i % len(samples)] for i in range(rounds * batch_size)]
     cache, source = open_cache(cache_dir, chosen, encoder, tmp, batch_size)
     batches = [chosen[i * batch_size : (i + 1) * batch_size] for i in range(rounds)]
-    model = imager_unet(config, seed).to(device)
-    step = TrainStep(model, imager_forward(model))
+    step = TrainStep(imager_unet(config, seed).to(device))
     batch = random_batch(config, batch_size, resolution, device, seed)
     position = {"cached": 0, "encoded": 0, "lookup": 0, "encode": 0}
 

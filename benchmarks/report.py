@@ -5,7 +5,7 @@ peak for utilisation) in the same unit, and ``ratio = ours / theirs`` computed f
 two numbers. A target is a bound on the ratio (``>=`` for throughputs and utilisation, ``<=`` for
 memory and FID); ``met`` is the plain comparison of the measured ratio with it, nothing rounded.
 A comparison may carry an ``interval`` of its ratio (the FID rows: a 95 % jackknife interval,
-:mod:`imager.bench.stats`); it is shown beside the ratio and does not change ``met``.
+:mod:`benchmarks.stats`); it is shown beside the ratio and does not change ``met``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-# The targets of issue 6, on ratio = ours / theirs.
+# What each ratio = ours / theirs should meet; None: reported without a target.
 TARGETS: dict[str, tuple[Literal[">=", "<="], float] | None] = {
     "training_speed": (">=", 1.5),  # Imager ≥ 1.5× diffusers' training images/s
     "training_utilisation": (">=", 0.55),  # ≥ 55 % of the fp32 matmul peak
@@ -97,6 +97,8 @@ class Comparison:
 
 
 HEADER = ["Comparison", "Imager", "Baseline", "Ratio", "Target", "Met"]
+REPRODUCE = ("`python -m benchmarks` (or `make bench`) writes its results to benchmarks/results/latest.json and "
+             "latest.md (git-ignored); with `--publish` it also writes docs/benchmarks.json and docs/benchmarks.md.")
 
 
 def _num(value: float) -> str:
@@ -131,7 +133,7 @@ class Report:
         lines = [
             "# Imager benchmarks",
             "",
-            f"Measured by `imager bench` on **{device}**; torch {m['torch']}, diffusers {m['diffusers']}, "
+            f"Measured by `python -m benchmarks` on **{device}**; torch {m['torch']}, diffusers {m['diffusers']}, "
             f"{m['platform']}. Medians over {self.settings['repeats']} repeats after {self.settings['warmup']} warm-up "
             f"rounds{' (quick smoke run: tiny sizes, not representative)' if self.settings.get('quick') else ''}.",
             "",
@@ -139,10 +141,10 @@ class Report:
             "|" + "|".join(["---"] * len(HEADER)) + "|",
         ]
         lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in self.rows()]
-        legend = "Ratio = Imager / baseline, measured in the same run; targets are issue 6's."
+        legend = "Ratio = Imager / baseline, measured in the same run; Met compares it, unrounded, with the target."
         if any(c.interval for c in self.comparisons):
             legend += " In parentheses: the ratio's 95 % interval (jackknife over prompts and reference images)."
-        lines += ["", legend, ""]
+        lines += ["", legend, "", REPRODUCE, ""]
         if self.notes:
             lines += ["## Notes", ""] + [f"- {note}" for note in self.notes] + [""]
         return "\n".join(lines)

@@ -4,11 +4,11 @@ The two sides are runs of the whole pipeline that differ in the base model only,
 
     dvc exp run -n diffusers-arch -S train_base.model.arch=diffusers -S train_base.model.patch_size=1 \
         -S train_base.steps=700                                # about the default's training time
-    imager bench --only quality --quality diffusers-arch      # vs the workspace (the default)
+    python -m benchmarks --only quality --quality diffusers-arch   # vs the workspace (the default)
 
 Their metrics come from ``dvc exp show --json`` (reports/evaluate.json and reports/train_base.json).
 Rows: the evaluator FID and R-precision of the base model's samples and of the whole cascade
-(the SR model is the same in both, so the cascade rows dilute the difference), each with issue 6's
+(the SR model is the same in both, so the cascade rows dilute the difference), each with its
 target (Imager ≥ 20 % better), and the base model's training wall time, which shows whether the
 compute was equal.
 """
@@ -20,8 +20,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from imager.bench import BenchError
-from imager.bench.report import Comparison
+from benchmarks import BenchError
+from benchmarks.report import Comparison
 
 WORKSPACE = "workspace"
 EVALUATE, TRAIN = "reports/evaluate.json", "reports/train_base.json"

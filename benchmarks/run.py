@@ -1,7 +1,9 @@
 """Run the comparisons and collect a :class:`Report`.
 
-Everything runs in this process, one comparison after another, with the machine described first
-and its fp32 matmul peak measured before and after the training comparison (the higher is kept).
+Everything runs in this process, one comparison after another: the machine is described first
+(its fp32 matmul peak is timed inside the training comparison's rounds, :mod:`benchmarks.machine`),
+then each comparison in ``settings.only`` runs in turn, and the CPU time other processes took
+during the run is measured at the end, so that a busy machine is named in the notes.
 """
 
 from __future__ import annotations
@@ -16,19 +18,20 @@ from typing import Any
 
 import torch
 
-from imager.bench import BenchError
-from imager.bench.cache import bench_cache
-from imager.bench.data import bench_data, ensure_shards, first_samples
-from imager.bench.machine import describe_machine, other_cpu_share, read_cpu_clock
-from imager.bench.models import require_diffusers, resolve_config
-from imager.bench.report import Comparison, Report
-from imager.bench.sampling import bench_fid, bench_sampling
-from imager.bench.training import bench_training
-from imager.config import Embed
+from benchmarks import BenchError
+from benchmarks.cache import bench_cache
+from benchmarks.data import bench_data, ensure_shards, first_samples
+from benchmarks.machine import describe_machine, other_cpu_share, read_cpu_clock
+from benchmarks.models import resolve_config
+from benchmarks.report import Comparison, Report
+from benchmarks.sampling import bench_fid, bench_sampling
+from benchmarks.training import bench_training
 from imager.diffusion.config import ScheduleConfig
 from imager.diffusion.schedule import NoiseSchedule
 from imager.evaluation.config import Evaluate
 from imager.models.config import UNetConfig
+from imager.models.diffusers_unet import require_diffusers
+from imager.text.config import Embed
 
 log = logging.getLogger(__name__)
 COMPARISONS = ("training", "sampling", "cache", "data", "quality")  # quality: with --quality EXPERIMENT
@@ -37,7 +40,7 @@ BUSY_SHARE = 0.2  # share of the CPU used by other processes during the run abov
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """Sizes and repeats. The defaults are the full benchmark; :meth:`quick` is a seconds-long smoke run."""
+    """Sizes and repeats. The defaults are the full benchmark; :meth:`quick_run` is a seconds-long smoke run."""
 
     batch_size: int = 32  # training, cache and data batches
     resolution: int = 32  # train_base.resolution
@@ -107,7 +110,7 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
 
     def encoder():
         if not encoder_box:
-            from imager.text.base import load_text_encoder
+            from imager.text import load_text_encoder
 
             encoder_box.append(load_text_encoder(embed))
         return encoder_box[0]
@@ -116,7 +119,7 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
     config = resolve_config(model, **_text_dims(paths.embeddings, encoder)) if measured or s.fid else model
     comparisons: list[Comparison] = []
     notes: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="imager-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="imager-benchmarks-") as tmp:
         tmp_path = Path(tmp)
         if "training" in s.only:
             rows, details = bench_training(config, batch_size=s.batch_size, resolution=s.resolution, repeats=s.repeats,
@@ -140,9 +143,9 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
         if s.fid:
             comparisons += bench_fid(paths.base_model, paths.evaluator, shards_dir=paths.shards, cache_dir=paths.embeddings,
                                      cfg=evaluate, prompts=s.fid_prompts, steps=s.fid_steps, reference_steps=s.fid_reference_steps,
-                                     seeds=s.fid_seeds)
+                                     seeds=s.fid_seeds, device=device)
             fid = comparisons[-1].details
-            notes.append(f"FID: the trained base model on {device.type.upper()} (imager.cascade), evaluator features; "
+            notes.append(f"FID: the trained base model on {device.type.upper()} (imager.inference.Cascade), evaluator features; "
                          f"{fid['prompts']} held-out prompts × {s.fid_seeds} noise seeds = {fid['samples']} images per sampler, "
                          f"scored together against the {fid['reference_images']} held-out images (per-seed FIDs and their "
                          "median in the JSON).")
@@ -178,7 +181,7 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
                              f"pass per shard, cached) took {d['shard_index_seconds']:.2f} s for {d['shards']} shards, once per "
                              "process, before timing, as the folder's file list.")
     if s.quality is not None and "quality" in s.only:
-        from imager.bench.quality import dvc_experiments, quality_at_equal_compute
+        from benchmarks.quality import dvc_experiments, quality_at_equal_compute
 
         rows = quality_at_equal_compute(dvc_experiments(), s.quality, s.quality_ours)
         comparisons += rows

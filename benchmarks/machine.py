@@ -2,9 +2,10 @@
 
 The peak is measured, not taken from a datasheet: GFLOP/s of the fastest of several rounds of a
 large square fp32 ``torch.mm`` (2·N³ FLOPs). The training comparison times one matmul in every
-round, right after the two training steps (:func:`matmul_round`), so the peak comes from the same
-minutes as the steps: on a shared 2-core VM the machine's speed drifts by ±25 % from minute to
-minute. Training utilisation is the achieved GFLOP/s of the median step over that peak.
+round, right after the two training steps (:func:`matmul_round`), so that the peak comes from the
+same minutes as the steps: a shared machine's speed drifts from minute to minute, and a peak taken
+at another time would move the utilisation with it. Training utilisation is the achieved GFLOP/s of
+the median step over that peak.
 """
 
 from __future__ import annotations
@@ -19,19 +20,7 @@ from typing import Any
 
 import torch
 
-from imager.bench.measure import median
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cpu`` or ``cuda[:i]`` as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        from imager.bench import BenchError
-
-        raise BenchError("--device cuda: no CUDA device is visible to torch; use --device cpu")
-    return device
+from benchmarks.measure import median
 
 
 def cpu_model() -> str:

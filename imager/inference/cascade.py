@@ -1,0 +1,158 @@
+"""The trained cascade as one object: text condition -> base image -> super-resolved image.
+
+What the evaluate stage, ``imager generate``, the MLflow model and the benchmark share. A model file
+written by the training stages carries everything sampling needs (config, schedule, prediction
+target, resolution; for SR the input resolution and noise-aug level), so a cascade is rebuilt from
+its two files alone::
+
+    cascade = Cascade.load("data/models/base/model.safetensors", "data/models/sr/model.safetensors", device="auto")
+    base, sr = cascade.generate(cond, CascadeSampling(sampler="dpmpp_2m", seed=0))   # (B, 3, 32, 32), (B, 3, 64, 64)
+
+Conditions are ``(tokens (B, L, D), mask (B, L), pooled (B, P))`` from the embedding cache or from
+the text encoder (:func:`encode_prompts`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imager.errors import CheckpointError, ConfigError
+from imager.inference.config import CascadeSampling, SRSampling
+from imager.inference.images import noise_augment
+from imager.inference.sampling import Cond, Stage
+
+Tensor = torch.Tensor
+SR_NOISE_OFFSET = 1_000_003  # the SR input's augmentation noise is seeded apart from the sampler's
+
+
+class Cascade:
+    """A base model and an optional super-resolution model that agree on text dims and sizes."""
+
+    def __init__(self, base: Stage, sr: Stage | None = None):
+        b = base.model.config
+        if sr is not None:
+            s = sr.model.config
+            for key in ("text_dim", "pooled_dim", "context_length"):
+                if getattr(b, key) != getattr(s, key):
+                    raise CheckpointError(
+                        f"the base and SR models were trained on different text embeddings ({key}: {getattr(b, key)} vs {getattr(s, key)})"
+                    )
+            if sr.lowres != base.resolution:
+                raise CheckpointError(f"the SR model takes {sr.lowres} px inputs but the base model makes {base.resolution} px images")
+        self.base, self.sr = base, sr
+
+    @classmethod
+    def load(cls, base: str | Path, sr: str | Path | None = None, *, device: str | torch.device = "cpu") -> Cascade:
+        """The models of two training-stage files on ``device`` (auto, cpu, cuda[:i])."""
+        return cls(
+            Stage.load(base, super_resolution=False, what="base", makes="dvc repro train_base", device=device),
+            Stage.load(sr, super_resolution=True, what="super-resolution", makes="dvc repro train_sr", device=device) if sr is not None else None,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    @property
+    def resolution(self) -> int:
+        return (self.sr or self.base).resolution
+
+    @property
+    def text_shape(self) -> dict[str, int]:
+        c = self.base.model.config
+        return {"context_length": c.context_length, "text_dim": c.text_dim, "pooled_dim": c.pooled_dim}
+
+    def check_encoder(self, encoder: Any) -> None:
+        """A :class:`ConfigError` unless ``encoder`` makes embeddings of the shape the models take."""
+        c = self.base.model.config
+        got = {"max_length": encoder.max_length, "token_dim": encoder.token_dim, "pooled_dim": encoder.pooled_dim}
+        want = {"max_length": c.context_length, "token_dim": c.text_dim, "pooled_dim": c.pooled_dim}
+        if got != want:
+            key = next(k for k in got if got[k] != want[k])
+            raise ConfigError(
+                f"params.yaml: embed: the text encoder '{encoder.id}' gives {key} {got[key]} but the models were trained with "
+                f"{want[key]}; use the embed params the models were trained with"
+            )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        cond: Cond,
+        cfg: CascadeSampling,
+        *,
+        negative: Cond | None = None,
+        use_sr: bool = True,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """(base (B, 3, r, r), sr (B, 3, R, R) or None) in [-1, 1], on the CPU, for ``cond``.
+
+        Batches of ``cfg.batch_size`` draw their noise from generators seeded ``cfg.seed + index of
+        the batch's first image``, so a seed and batch size always give the same images. ``negative``
+        (batch B or 1) replaces the null condition in both stages' guidance. ``on_batch(n)`` is
+        called after each batch with its size (progress bars).
+        """
+        tokens, mask, pooled = cond
+        n = tokens.shape[0]
+        base_cfg, sr_cfg = cfg.stage("base"), cfg.stage("sr")
+        bases, srs = [], []
+        for start in range(0, n, cfg.batch_size):
+            c = tuple(t[start : start + cfg.batch_size] for t in (tokens, mask, pooled))
+            neg = None if negative is None else _rows(negative, start, cfg.batch_size)
+            base = self.base.sample(c, base_cfg, seed=cfg.seed + start, negative=neg)
+            bases.append(base.cpu())
+            if self.sr is not None and use_sr:
+                srs.append(self.super_resolve(base, c, sr_cfg, seed=cfg.seed + start, negative=neg).cpu())  # type: ignore[arg-type]
+            if on_batch is not None:
+                on_batch(c[0].shape[0])
+        return torch.cat(bases), (torch.cat(srs) if srs else None)
+
+    @torch.no_grad()
+    def super_resolve(self, lowres: Tensor, cond: Cond, cfg: SRSampling, *, seed: int, negative: Cond | None = None) -> Tensor:
+        """(B, 3, R, R) in [-1, 1] on the model's device from ``lowres`` (B, 3, r, r) in [-1, 1]: the
+        input is noise-augmented to ``cfg.aug_level`` (the model's own level when None), then sampled."""
+        if self.sr is None:
+            raise CheckpointError("this cascade has no super-resolution model")
+        level = self.sr.aug_level if cfg.aug_level is None else cfg.aug_level
+        gen = torch.Generator().manual_seed(seed + SR_NOISE_OFFSET)
+        aug = torch.full((lowres.shape[0],), float(level))
+        low = noise_augment(lowres.float().cpu(), aug, self.sr.schedule, gen)
+        return self.sr.sample(cond, cfg, seed=seed, negative=negative, lowres=low, aug_level=aug)
+
+
+def _rows(cond: Cond, start: int, size: int) -> Cond:
+    """A batch's rows of a condition; a condition of batch 1 is shared by every batch."""
+    if cond[0].shape[0] == 1:
+        return cond
+    return tuple(t[start : start + size] for t in cond)  # type: ignore[return-value]
+
+
+def encode_prompts(encoder: Any, prompts: Sequence[str]) -> tuple[Cond, int]:
+    """(condition, number of prompts cut to the encoder's max length) for user prompts; a
+    :class:`ConfigError` for an empty prompt."""
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ConfigError(f"prompt {i + 1} is empty; give a text such as 'red apple'")
+    emb = encoder.encode(list(prompts))
+    return (emb.tokens.float(), emb.mask, emb.pooled.float()), int(emb.truncated)
+
+
+def encode_negative(encoder: Any, texts: Sequence[str]) -> Cond | None:
+    """The negative prompts' condition for guidance, one per prompt (or one for all); None when all
+    are empty. An empty negative prompt is the model's own null condition: its row is given an
+    all-False mask, which :meth:`Stage.sample` replaces with that null condition."""
+    texts = ["" if t is None else str(t) for t in texts]
+    if not any(t.strip() for t in texts):
+        return None
+    given = [i for i, t in enumerate(texts) if t.strip()]
+    emb = encoder.encode([texts[i] for i in given])
+    n = len(texts)
+    tokens = emb.tokens.new_zeros((n, *emb.tokens.shape[1:]))
+    mask = emb.mask.new_zeros((n, *emb.mask.shape[1:]))
+    pooled = emb.pooled.new_zeros((n, *emb.pooled.shape[1:]))
+    index = torch.tensor(given)
+    tokens[index], mask[index], pooled[index] = emb.tokens, emb.mask, emb.pooled
+    return tokens.float(), mask, pooled.float()

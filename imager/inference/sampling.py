@@ -1,0 +1,175 @@
+"""One trained model sampled: network + text condition + settings -> images, on the model's device.
+
+:class:`Stage` holds a network with what sampling it needs (schedule, prediction target, output
+resolution; for super-resolution its input resolution and noise-augmentation level) and
+:meth:`Stage.sample` draws images for a text condition with a :class:`StageSampling`. Everything
+that samples a model goes through it: the training grids, the cascade (evaluate, ``imager
+generate``, the MLflow model) and the benchmark.
+
+Devices: the network runs where its weights are and in their dtype; the condition, the negative
+prompt and the SR input follow it, and the sampler's state stays float32. Noise is drawn from a
+CPU generator and moved to the model's device, so a seed gives the same noise on every device: CPU
+and GPU images of one seed differ only by the floating-point differences of their kernels (small
+for the deterministic samplers; a stochastic sampler adds them up over its steps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from imager.diffusion.config import ScheduleConfig
+from imager.diffusion.schedule import NoiseSchedule
+from imager.errors import CheckpointError, ConfigError, SamplerError
+from imager.inference.config import StageSampling
+from imager.models.checkpoint import load_model, read_checkpoint_meta
+from imager.samplers import cfg_net, get_sampler, model_denoiser, sample, thresholded
+
+Tensor = torch.Tensor
+Cond = tuple[Tensor, Tensor, Tensor]  # tokens (B, L, D), mask (B, L) bool, pooled (B, P)
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cpu`` or ``cuda[:i]`` as given. A ConfigError
+    for a CUDA device torch cannot see."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: unknown device '{name}'; use auto, cpu or cuda[:i]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: '{name}' asked for, but torch sees no CUDA device; use cpu or auto")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device: '{name}' is not supported; use auto, cpu or cuda[:i]")
+    return device
+
+
+def check_sampling(cfg: StageSampling) -> None:
+    """A SamplerError now, before any model loads, for a sampler option the sampler does not take."""
+    if cfg.sampler is None:
+        raise SamplerError("no sampler given")
+    spec = get_sampler(cfg.sampler)
+    given = set(cfg.options) | ({"eta"} if cfg.eta is not None else set())
+    unknown = sorted(given - set(spec.options))
+    if unknown:
+        raise SamplerError(f"sampler '{spec.name}' takes no option '{unknown[0]}'; it takes: {', '.join(spec.options) or 'none'}")
+
+
+def _to(cond: Cond, device: torch.device, dtype: torch.dtype) -> Cond:
+    """Floats to ``dtype`` and everything to ``device``."""
+    return tuple(c.to(device, dtype) if c.is_floating_point() else c.to(device) for c in cond)  # type: ignore[return-value]
+
+
+def _with_null_rows(negative: Cond, null: Cond) -> Cond:
+    """``negative`` with its rows of all-False mask replaced by the null condition's rows."""
+    tokens, mask, pooled = negative
+    null_tokens, null_mask, null_pooled = (t[:1].expand(tokens.shape[0], *t.shape[1:]) for t in null)
+    empty = ~mask.any(dim=1)  # (B,)
+    if not bool(empty.any()):
+        return negative
+    return (
+        torch.where(empty[:, None, None], null_tokens, tokens),
+        torch.where(empty[:, None], null_mask, mask),
+        torch.where(empty[:, None], null_pooled, pooled),
+    )
+
+
+@dataclass
+class Stage:
+    """One trained model with what sampling it needs."""
+
+    model: torch.nn.Module
+    schedule: NoiseSchedule
+    prediction: str
+    resolution: int
+    lowres: int | None = None  # SR only: the input resolution
+    aug_level: float = 0.0  # SR only: the noise-aug level it was trained to sample with
+
+    @classmethod
+    def load(cls, path: str | Path, *, super_resolution: bool, what: str, makes: str, device: str | torch.device = "cpu") -> Stage:
+        """A model file written by a training stage (it carries its sampling metadata), on ``device``."""
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no {what} model; train it first with `{makes}`")
+        config, extra = read_checkpoint_meta(path)
+        if config.super_resolution != super_resolution:
+            kind = "a super-resolution" if config.super_resolution else "a base"
+            raise CheckpointError(f"{path}: holds {kind} model, expected the {what} model")
+        missing = [k for k in ("schedule", "prediction", "resolution") if k not in extra]
+        if super_resolution:
+            missing += [k for k in ("lowres",) if k not in extra]
+        if missing:
+            raise CheckpointError(f"{path}: no sampling metadata ({', '.join(missing)}); retrain it with `{makes}`")
+        return cls(
+            model=load_model(path).to(resolve_device(device)).eval(),
+            schedule=NoiseSchedule.from_config(ScheduleConfig.model_validate(extra["schedule"])),
+            prediction=extra["prediction"],
+            resolution=int(extra["resolution"]),
+            lowres=int(extra["lowres"]) if super_resolution else None,
+            aug_level=float(extra.get("aug_level", 0.0)),
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: Cond,
+        cfg: StageSampling,
+        *,
+        seed: int,
+        negative: Cond | None = None,
+        lowres: Tensor | None = None,
+        aug_level: Tensor | None = None,
+        on_denoise: Callable[[Tensor], None] | None = None,
+    ) -> Tensor:
+        """(B, 3, R, R) samples in [-1, 1] on the model's device for the text condition ``cond``.
+
+        Classifier-free guidance (``cfg.guidance``) contrasts ``cond`` with ``negative`` (batch B or
+        1; a negative prompt's embedding; rows with an all-False mask stand for no negative prompt)
+        or, when None, the model's null condition; ``cfg.threshold`` acts on the guided x̂0. The SR model also takes ``lowres`` (B, 3, r, r) in [-1, 1], already
+        noise-augmented to ``aug_level`` (B,). ``on_denoise(x̂0)`` sees the guided x̂0 (B, 3, R, R)
+        after every denoiser call (live previews). Noise: a CPU generator seeded ``seed``.
+        """
+        if cfg.sampler is None:
+            raise SamplerError("no sampler given; set the stage's or the cascade's sampler")
+        model, device, dtype = self.model, self.device, self.dtype
+        model.eval()
+        tokens, mask, pooled = _to(cond, device, dtype)
+        batch = tokens.shape[0]
+        uncond = model.null_condition(batch)
+        if negative is not None:
+            uncond = _with_null_rows(_to(negative, device, dtype), uncond)
+        if lowres is None:
+            extra: tuple[Tensor, ...] = ()
+            net = lambda x, t, tk, mk, pl: model(x.to(dtype), t, tk, mk, pl).float()  # noqa: E731
+        else:
+            extra = (lowres.to(device, dtype), aug_level.to(device))
+            net = lambda x, t, tk, mk, pl, lo, aug: model(x.to(dtype), t, tk, mk, pl, lowres=lo, aug_level=aug).float()  # noqa: E731
+        guided = cfg_net(net, (tokens, mask, pooled, *extra), (*uncond, *extra), cfg.guidance)
+        denoise = thresholded(model_denoiser(guided, self.schedule, self.prediction), cfg.threshold, cfg.percentile)
+        if on_denoise is not None:
+            inner = denoise
+
+            def denoise(x: Tensor, sigma: Tensor) -> Tensor:
+                x0 = inner(x, sigma)
+                on_denoise(x0)
+                return x0
+
+        gen = torch.Generator().manual_seed(seed)
+        shape = (batch, model.config.out_channels, self.resolution, self.resolution)
+        x = sample(denoise, shape, self.schedule, sampler=cfg.sampler, steps=cfg.steps, spacing=cfg.spacing,
+                   generator=gen, eta=cfg.eta, device=device, **cfg.options)
+        return x.clamp(-1, 1)

