@@ -89,7 +89,7 @@ class CascadeModel(mlflow.pyfunc.PythonModel):
         self.sampling = CascadeSampling.model_validate(cfg["sampling"])
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
-        from imager.inference.cascade import encode_prompts, encode_negative
+        from imager.inference.cascade import encode_negative, encode_prompts
         from imager.inference.config import with_overrides
         from imager.inference.images import to_hwc
 

@@ -68,9 +68,9 @@ def dataset_digest(path: Path) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else ([path] if path.is_file() else [])
     for stage in (lock.get("stages") or {}).values():
         for out in stage.get("outs") or []:
-            if out.get("path") == rel and out.get("md5"):
-                if out.get("nfiles", len(files)) == len(files) and out.get("size", -1) == sum(f.stat().st_size for f in files):
-                    return str(out["md5"])
+            same = out.get("nfiles", len(files)) == len(files) and out.get("size", -1) == sum(f.stat().st_size for f in files)
+            if out.get("path") == rel and out.get("md5") and same:
+                return str(out["md5"])
     h = hashlib.sha256()
     for f in files:
         h.update(f.relative_to(path).as_posix().encode() + b"\0" if path.is_dir() else b"")
@@ -126,7 +126,7 @@ def pipeline_run_id() -> str:
                 seed = f"{proc.pid}:{proc.create_time()}:{os.uname().nodename}"
                 return hashlib.sha256(seed.encode()).hexdigest()[:16]
             proc = proc.parent()
-    except Exception:  # psutil missing or a process vanished: fall back to a fresh id
+    except Exception:  # noqa: BLE001 - psutil missing or a process vanished: fall back to a fresh id
         pass
     return uuid.uuid4().hex[:16]
 

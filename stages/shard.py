@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from imager.data.shard import INDEX, shard as shard_images
+from imager.data.shard import INDEX
+from imager.data.shard import shard as shard_images
 from stages._common import ParamsOption, finish, load_params, tracked, user_errors
 
 

@@ -44,7 +44,7 @@ def _entries(cfg: FolderSource, root: Path) -> list[_Entry]:
         rows = read_table(table, [cfg.file_column, cfg.caption_column], "download.folder.captions")
         files = [Path(str(r[cfg.file_column])) for r in rows]
         captions = ["" if r[cfg.caption_column] is None else r[cfg.caption_column] for r in rows]
-        out = [_Entry(rel, caption, f"{table}: {rel}") for rel, caption in zip(files, captions)]
+        out = [_Entry(rel, caption, f"{table}: {rel}") for rel, caption in zip(files, captions, strict=True)]
         return sorted(out, key=lambda e: e.rel.as_posix())
     entries = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):

@@ -34,7 +34,7 @@ def _open(cfg: HfSource):
         return datasets.load_dataset(name, cfg.config, split=cfg.split, revision=cfg.revision)
     except SourceError:
         raise
-    except Exception as exc:  # datasets raises many types (FileNotFound, DatasetNotFound, ValueError...)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types (FileNotFound, DatasetNotFound, ValueError...)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise SourceError(f"download.hf.name: cannot load dataset '{name}' ({first})") from None
 

@@ -33,7 +33,7 @@ RESAMPLE = {
 }
 
 
-class Rejected(Exception):
+class Rejected(Exception):  # noqa: N818 - a verdict on an input, not a failure
     """An input that is skipped; ``reason`` is the report key."""
 
     def __init__(self, reason: str):

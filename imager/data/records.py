@@ -68,7 +68,7 @@ def image_info(data: bytes) -> tuple[str, int, int] | None:
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as im:
                 return im.format or "", im.width, im.height
-    except Exception:  # any header Pillow rejects: the shard step decides and counts it
+    except Exception:  # noqa: BLE001 - any header Pillow rejects: the shard step decides and counts it
         return None
 
 

@@ -93,7 +93,7 @@ class ImageEvaluator(nn.Module):
         self.cfg, self.text_dim = cfg, text_dim
         self.num_features = cfg.feature_dim
         self.stem = _conv(3, cfg.channels[0], stride=2)
-        self.stages = nn.Sequential(*(_Stage(c_in, c_out) for c_in, c_out in zip((cfg.channels[0], *cfg.channels), cfg.channels)))
+        self.stages = nn.Sequential(*(_Stage(c_in, c_out) for c_in, c_out in zip((cfg.channels[0], *cfg.channels), cfg.channels, strict=False)))
         self.head = nn.Linear(cfg.channels[-1], cfg.feature_dim)
         self.proj = nn.Linear(cfg.feature_dim, text_dim, bias=False)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(cfg.temperature)))  # log τ

@@ -14,8 +14,8 @@ from imager.errors import DataError
 from imager.evaluation.config import Evaluator
 from imager.evaluation.evaluator import save_evaluator, train_evaluator
 from imager.evaluation.metrics import r_precision
-from imager.text.cache import EmbeddingCache
 from imager.inference.images import to_unit
+from imager.text.cache import EmbeddingCache
 
 CHECK_K = 32  # candidates of the held-out R-precision in the report
 

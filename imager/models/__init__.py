@@ -14,8 +14,8 @@ from imager.models.config import UNetConfig
 
 if TYPE_CHECKING:
     from imager.models.base import Denoiser
-    from imager.models.factory import build_denoiser
     from imager.models.checkpoint import load_model, read_checkpoint_meta, save_model
+    from imager.models.factory import build_denoiser
     from imager.models.unet import UNet
 
 _LAZY = {

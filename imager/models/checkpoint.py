@@ -26,8 +26,8 @@ from torch import nn
 from imager.errors import CheckpointError
 from imager.io import atomic_write_bytes
 from imager.models.base import Denoiser
-from imager.models.factory import build_denoiser
 from imager.models.config import UNetConfig
+from imager.models.factory import build_denoiser
 
 MODEL_KIND = "unet"
 METADATA_KEY = "imager"

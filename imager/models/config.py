@@ -29,7 +29,7 @@ class UNetConfig(Section):
     :attr:`resolution_multiple`.
 
     ``arch: diffusers`` builds diffusers' ``UNet2DConditionModel`` with the same levels, channels,
-    blocks, attention levels and head width instead (the baseline of issue 6's comparisons; it reads
+    blocks, attention levels and head width instead (the benchmark's baseline network; it reads
     the text tokens by cross-attention only, not the pooled embedding), through the same training
     loop, checkpoints and samplers.
     """

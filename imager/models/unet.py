@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from imager.models.base import Denoiser
 from imager.models.blocks import (
     CondSequential,
     Downsample,
@@ -39,7 +40,6 @@ from imager.models.blocks import (
     timestep_embedding,
     zero_,
 )
-from imager.models.base import Denoiser
 from imager.models.config import UNetConfig
 
 

@@ -73,7 +73,7 @@ def cfg_net(net: CondNetwork, cond: tuple[Tensor, ...], uncond: tuple[Tensor, ..
         if scale == 1:
             return net(x, t, *c)
         u = tuple(_batched(v, b, f"uncond[{i}]") for i, v in enumerate(uncond))
-        both = tuple(torch.cat([ci, ui]) for ci, ui in zip(c, u))  # each (2B, ...)
+        both = tuple(torch.cat([ci, ui]) for ci, ui in zip(c, u, strict=True))  # each (2B, ...)
         t2 = torch.cat([t, t]) if t.ndim else t  # (2B,)
         out_c, out_u = net(torch.cat([x, x]), t2, *both).split(b)  # (B, ...) each
         return out_u + scale * (out_c - out_u)  # Ho & Salimans 2022, Eq. 6

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from imager.text.config import Embed
 from imager.errors import EncoderError
 from imager.text.base import TextEmbeddings
+from imager.text.config import Embed
 
 log = logging.getLogger(__name__)
 

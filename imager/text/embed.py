@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from imager.text.config import Embed
 from imager.data.shard import SPLITS, shard_paths
 from imager.errors import DataError
-from imager.text.factory import load_text_encoder
 from imager.text.cache import build_cache, read_captions
+from imager.text.config import Embed
+from imager.text.factory import load_text_encoder
 
 
 def embed(shards_dir: Path, out: Path, cfg: Embed) -> dict[str, Any]:

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from imager.diffusion.process import diffusion_loss, q_sample
 from imager.diffusion.schedule import NoiseSchedule
 from imager.models.base import Denoiser
-from imager.models.factory import build_denoiser
 from imager.models.checkpoint import save_model
+from imager.models.factory import build_denoiser
 from imager.text.cache import EmbeddingCache
 from imager.training.config import TrainCommon
 from imager.training.distributed import Dist, barrier, mean_across
@@ -286,9 +286,9 @@ class Trainer:
                 window, window_idx, window_start = [], [], now
             if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                 self.save_checkpoint()
-            if on_grid is not None and cfg.grid.every and self.step % cfg.grid.every == 0 and self.step < cfg.steps:
-                if self.dist.is_main:
-                    on_grid(self.step)
+            grid_due = cfg.grid.every and self.step % cfg.grid.every == 0 and self.step < cfg.steps
+            if on_grid is not None and grid_due and self.dist.is_main:
+                on_grid(self.step)
         bar.close()
         self.save_checkpoint()
         seconds = time.perf_counter() - started

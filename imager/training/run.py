@@ -13,11 +13,11 @@ from PIL import Image
 
 from imager.data.shard import read_samples, shard_paths
 from imager.errors import DataError
+from imager.inference.images import downsample, grid_image, to_unit
+from imager.inference.sampling import Stage
 from imager.io import atomic_dir
 from imager.training.config import TrainBase, TrainSR
 from imager.training.distributed import Dist
-from imager.inference.images import downsample, grid_image, to_unit
-from imager.inference.sampling import Stage
 from imager.training.loop import Trainer
 from imager.training.tasks import BaseTask, SRTask
 

@@ -290,7 +290,7 @@ def test_initial_noise_scales(spacing):
 
 
 @pytest.mark.parametrize("spacing, steps", [("trailing", 7), ("linspace", 10)])
-def test_ddim_steps_to_t_minus_T_over_N_whatever_the_spacing(spacing, steps):
+def test_ddim_steps_to_t_minus_t_over_n_whatever_the_spacing(spacing, steps):
     # diffusers' DDIMScheduler.step goes from t to t − T//N. Where that is not the next listed timestep
     # (trailing with N not dividing T, linspace), the next network call labels a state at t − T//N with
     # the next timestep. Imager steps between listed σs, so the results differ; one-step Imager DDIMs

@@ -64,7 +64,7 @@ def test_three_stages_end_to_end_with_mlflow_runs(tmp_path, write_params, monkey
     assert shard["kept"] == download["kept"] == shard["train"] + shard["val"] and shard["val"] > 0
     assert embed["count"] == shard["kept"] and embed["max_length"] == 8 and embed["token_dim"] == 384
     cache = EmbeddingCache(tmp_path / "emb")
-    manifest = [json.loads(l) for l in (tmp_path / "raw/manifest.jsonl").read_text().splitlines()]
+    manifest = [json.loads(line) for line in (tmp_path / "raw/manifest.jsonl").read_text().splitlines()]
     assert sorted(cache.keys) == sorted(r["key"] for r in manifest)
 
     mlflow.set_tracking_uri(mlflow_uri)

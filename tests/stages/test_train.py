@@ -455,7 +455,7 @@ def test_mixed_precision_channels_last_checkpointing_and_compile_train_on_cpu(da
     ids=["diffusers-base", "diffusers-sr", "efficient-base", "patched-base"],
 )
 def test_other_architectures_train_through_the_same_loop_deterministically(data, tmp_path, command, section, model):
-    """``model.arch: diffusers`` (issue 6's baseline) and the Efficient U-Net order train through the
+    """``model.arch: diffusers`` (the benchmark baseline) and the Efficient U-Net order train through the
     stage, twice to identical weights, and save models that load as what the config names."""
     params = write_params(tmp_path / "params.yaml", **{section: {"steps": 4, "checkpoint_every": 2, "model": model}})
     report = train(command, data, tmp_path, params, "a")

@@ -10,7 +10,7 @@ import torch
 from imager.errors import ConfigError
 from imager.models import UNet, build_denoiser, load_model, save_model
 from imager.models.diffusers_unet import DiffusersUNet, diffusers_unet_kwargs
-from tests.unit.test_unet import L, D, condition, differs, inputs, randomized, sr_inputs, tiny
+from tests.unit.test_unet import D, L, condition, differs, inputs, randomized, sr_inputs, tiny
 
 diffusers = pytest.importorskip("diffusers")
 

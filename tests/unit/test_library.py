@@ -10,7 +10,6 @@ import sys
 
 from tests.conftest import REPO
 
-
 MLFLOW_MODULES = ["imager/serving.py", "imager/tracking.py"]
 
 

@@ -116,7 +116,7 @@ def test_batches_decode_the_shard_pngs(shards):
     spec = make(shards).spec
     pngs = dict(webdataset_stream(spec, 0))
     batch = next(iter(make(shards)))
-    for key, image in zip(batch["keys"], batch["images"]):
+    for key, image in zip(batch["keys"], batch["images"], strict=True):
         with Image.open(io.BytesIO(pngs[key])) as im:
             assert torch.equal(image, torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1))
 

@@ -456,7 +456,9 @@ def test_thresholds_keep_inside_values_and_bound_outside_ones():
 
 def test_thresholded_wraps_a_denoiser():
     x, sigma = (torch.randn(2, 50, generator=gen(23), dtype=F64) * 3, torch.ones(2, dtype=F64))
-    identity = lambda x_, s_: x_
+    def identity(x_, s_):
+        return x_
+
     assert torch.equal(thresholded(identity, "none")(x, sigma), x)
     assert torch.equal(thresholded(identity, "static")(x, sigma), x.clamp(-1, 1))
     assert torch.equal(thresholded(identity, "dynamic", 0.8)(x, sigma), dynamic_threshold(x, 0.8))

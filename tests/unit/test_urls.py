@@ -27,7 +27,6 @@ from imager import config
 from imager.data.download import download
 from imager.errors import SourceError
 from imager.io import read_jsonl, sha256_bytes
-
 from tests.unit.http_server import ImageServer, png, typed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -122,7 +121,7 @@ def test_every_row_is_kept_with_the_served_bytes(server, tmp_path, suffix):
 
     assert report == expected_report(rows, {})
     assert set(manifest) == {r["url"] for r in rows}
-    for row, (w, h) in zip(rows, sizes):
+    for row, (w, h) in zip(rows, sizes, strict=True):
         rec, served = manifest[row["url"]], server.body(row["url"])
         assert rec["sha256"] == hashlib.sha256(served).hexdigest()
         assert (out / rec["file"]).read_bytes() == served
