@@ -80,7 +80,8 @@ def bench(
             "shuffle_buffer": tb.shuffle_buffer, "synthetic_resolution": p.shard.resolution, "fid_prompts": p.evaluate.sweep.prompts}
     given = {"repeats": repeats, "warmup": warmup, "batch_size": batch, "sampling_batch": sampling_batch, "sampling_steps": steps,
              "fid_prompts": fid_prompts, "fid_seeds": fid_seeds, "quality": quality}
-    overrides = {"fid": fid, "only": chosen, "quality_ours": quality_ours, **{k: v for k, v in given.items() if v is not None}}
+    overrides = {"fid": fid, "only": chosen, "quality_ours": quality_ours, "tracking_experiment": p.tracking.experiment,
+                 **{k: v for k, v in given.items() if v is not None}}
     settings = BenchSettings.quick_run(**overrides) if quick else BenchSettings(**{**base, **overrides})
     if fid:
         for path, what in ((base_model, "--base-model"), (evaluator, "--evaluator"), (embeddings / "meta.json", "--embeddings")):

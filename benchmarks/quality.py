@@ -6,17 +6,20 @@ The two sides are runs of the whole pipeline that differ in the base model only,
         -S train_base.steps=700                                # about the default's training time
     python -m benchmarks --only quality --quality diffusers-arch   # vs the workspace (the default)
 
-Their metrics come from ``dvc exp show --json`` (reports/evaluate.json and reports/train_base.json).
-Rows: the evaluator FID and R-precision of the base model's samples and of the whole cascade
-(the SR model is the same in both, so the cascade rows dilute the difference), each with its
-target (Imager ≥ 20 % better), and the base model's training wall time, which shows whether the
-compute was equal.
+Their metrics come from ``dvc exp show --json`` (reports/evaluate.json and reports/train_base.json),
+the base model's training wall time from the experiment's MLflow run (the train-base run tagged
+with its name; the workspace's is the latest one outside any experiment): the reports hold no run
+times, so that they are reproducible. Rows: the evaluator FID and R-precision of the base model's
+samples and of the whole cascade (the SR model is the same in both, so the cascade rows dilute the
+difference), each with its target (Imager ≥ 20 % better), and the training wall time, which shows
+whether the compute was equal.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,28 @@ def dvc_experiments(repo: Path = Path()) -> dict[str, dict[str, Any]]:
     return experiments(json.loads(out.stdout))
 
 
+def mlflow_training_seconds(name: str, *, experiment: str = "imager") -> float:
+    """``summary.wall_seconds`` of the latest finished train-base MLflow run of DVC experiment ``name``
+    (``workspace``: the latest one that no experiment tagged)."""
+    import mlflow
+
+    from imager.tracking import TAG_EXP, tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    found = mlflow.search_runs(
+        experiment_names=[experiment], filter_string="tags.`imager.stage` = 'train-base' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], output_format="list",
+    )
+    for run in found:
+        tag = run.data.tags.get(TAG_EXP)
+        if (tag == name or (name == WORKSPACE and not tag)) and "summary.wall_seconds" in run.data.metrics:
+            return float(run.data.metrics["summary.wall_seconds"])
+    raise BenchError(
+        f"--quality: no finished train-base run of '{name}' in the MLflow experiment '{experiment}' ({tracking_uri()}); "
+        "its training time is recorded there (tracking.enabled: true)"
+    )
+
+
 def _metrics(runs: dict[str, dict[str, Any]], name: str) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
     if name not in runs:
         known = ", ".join(sorted({run["name"] for run in runs.values()})) or "none"
@@ -87,8 +112,11 @@ def _arch(params: dict[str, Any]) -> str:
     return network_label((params.get("train_base") or {}).get("model") or {})
 
 
-def quality_at_equal_compute(runs: dict[str, dict[str, Any]], baseline: str, ours: str = WORKSPACE) -> list[Comparison]:
-    """The comparison rows of ``ours`` (Imager's default) against ``baseline`` (the diffusers network)."""
+def quality_at_equal_compute(
+    runs: dict[str, dict[str, Any]], baseline: str, ours: str = WORKSPACE, training_seconds: Callable[[str], float] = mlflow_training_seconds
+) -> list[Comparison]:
+    """The comparison rows of ``ours`` (Imager's default) against ``baseline`` (the diffusers network);
+    ``training_seconds(experiment name)`` gives each side's base-model training time."""
     ev_ours, tr_ours, p_ours = _metrics(runs, ours)
     ev_base, tr_base, p_base = _metrics(runs, baseline)
     label_ours, label_base = f"{ours}: {_arch(p_ours)}", f"{baseline}: {_arch(p_base)}"
@@ -110,9 +138,9 @@ def quality_at_equal_compute(runs: dict[str, dict[str, Any]], baseline: str, our
         unit = "FID" if "fid" in metric else "R-prec"
         rows.append(Comparison(key, title, unit, label_ours, float(ev_ours[metric]), label_base, float(ev_base[metric]),
                                details={"metric": metric, **details}))
-    rows.append(Comparison("quality_compute", "Base model training wall time", "s", label_ours, float(tr_ours["wall_seconds"]),
-                           label_base, float(tr_base["wall_seconds"]), details={"steps": [tr_ours.get("steps"), tr_base.get("steps")]}))
+    rows.append(Comparison("quality_compute", "Base model training wall time", "s", label_ours, training_seconds(ours),
+                           label_base, training_seconds(baseline), details={"steps": [tr_ours.get("steps"), tr_base.get("steps")]}))
     return rows
 
 
-__all__ = ["dvc_experiments", "experiments", "network_label", "quality_at_equal_compute"]
+__all__ = ["dvc_experiments", "experiments", "mlflow_training_seconds", "network_label", "quality_at_equal_compute"]

@@ -61,6 +61,7 @@ class BenchSettings:
     fid_seeds: int = 3  # noise seeds of the FID comparison (their images scored together)
     quality: str | None = None  # DVC experiment trained with arch: diffusers (quality at equal compute)
     quality_ours: str = "workspace"  # the experiment it is compared with
+    tracking_experiment: str = "imager"  # the MLflow experiment holding the training runs (their wall times)
     seed: int = 0
     only: tuple[str, ...] = COMPARISONS
     quick: bool = False
@@ -181,9 +182,12 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
                              f"pass per shard, cached) took {d['shard_index_seconds']:.2f} s for {d['shards']} shards, once per "
                              "process, before timing, as the folder's file list.")
     if s.quality is not None and "quality" in s.only:
-        from benchmarks.quality import dvc_experiments, quality_at_equal_compute
+        from benchmarks import quality
 
-        rows = quality_at_equal_compute(dvc_experiments(), s.quality, s.quality_ours)
+        rows = quality.quality_at_equal_compute(
+            quality.dvc_experiments(), s.quality, s.quality_ours,
+            training_seconds=lambda name: quality.mlflow_training_seconds(name, experiment=s.tracking_experiment),
+        )
         comparisons += rows
         steps = [f"{s:.0f}" if isinstance(s, (int, float)) else "?" for s in rows[-1].details["steps"]]
         notes.append(f"Quality at equal compute: DVC experiments '{s.quality_ours}' ({rows[0].ours_label}, {steps[0]} steps) and "

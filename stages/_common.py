@@ -58,8 +58,9 @@ def finish(
     """Write the report (DVC metrics) and log it with the timing. A training stage passes
     ``prefix="summary."`` so that its totals do not join the per-step curves of the same names.
 
-    ``timings`` (seconds, images/s) go to MLflow and the log only: the report is a hashed DVC output,
-    and keeping run times out of it lets two runs of the same pipeline write identical files."""
+    ``timings`` (seconds, images/s, a resumed run's first step) go to MLflow and the log only: the
+    report is a hashed DVC output, and keeping what differs between runs out of it lets two runs of
+    the same pipeline write identical files."""
     atomic_write_json(report_path, report)
     seconds = time.perf_counter() - started
     run.log_metrics({f"{prefix}{k}": v for k, v in {**report, **(timings or {}), "seconds": seconds}.items()})

@@ -39,7 +39,8 @@ def _train(section: str, shards: Path, embeddings: Path, out: Path, checkpoints:
                 log_metrics=lambda m, step: run.log_metrics(m, step=step), log_image=run.log_image,
             )
             if dist.is_main:
-                summary, timings = split_timings(summary, "images_per_second", "wall_seconds")
+                # Run times, and the step a resumed run started from, describe this run, not its result.
+                summary, timings = split_timings(summary, "images_per_second", "wall_seconds", "resumed_from_step")
                 finish(run, summary, report, started, prefix="summary.", timings=timings)
                 run.log_artifact(out / "model.safetensors", "model")
     finally:

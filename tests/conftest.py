@@ -14,6 +14,14 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/stages/ runs the CLI end to end (training, dvc repro): the slow tier.
+    `make test-fast` (-m "not slow") leaves it out; `make test` runs all."""
+    for item in items:
+        if item.path.is_relative_to(REPO / "tests" / "stages"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory) -> str:
     # One sqlite store for the whole session: creating its tables takes seconds.

@@ -190,20 +190,23 @@ def test_a_ratio_interval_is_shown_beside_the_ratio_and_leaves_met_alone():
 # -------------------------------------------------------------------------- quality at equal compute
 
 
-def _exp(name: str, rev: str, arch: str, fid: float, r_prec: float, wall: float, fid_base: float, r_base: float) -> dict:
+def _exp(name: str, rev: str, arch: str, fid: float, r_prec: float, fid_base: float, r_base: float) -> dict:
     evaluate = {"fid_evaluator": fid, "r_precision_evaluator": r_prec, "fid_evaluator_base": fid_base,
                 "r_precision_evaluator_base": r_base, "samples": 128, "r_precision_k": 32}
     return {"rev": rev, "name": name, "data": {
         "params": {"params.yaml": {"data": {"train_base": {"model": {"arch": arch}}}}},
         "metrics": {"reports/evaluate.json": {"data": evaluate},
-                    "reports/train_base.json": {"data": {"wall_seconds": wall, "steps": 700}}}}}
+                    "reports/train_base.json": {"data": {"steps": 700}}}}}
 
 
 SHOW = [  # the shape of `dvc exp show --json -A`: commits, each with its experiments
-    {**_exp(None, "workspace", "imager", 3.0, 0.30, 600.0, 2.0, 0.40), "experiments": None},
-    {**_exp("main", "a" * 40, "imager", 3.1, 0.29, 610.0, 2.1, 0.39),
-     "experiments": [{"revs": [_exp("diffusers-arch", "b" * 40, "diffusers", 4.0, 0.20, 590.0, 3.0, 0.25)]}]},
+    {**_exp(None, "workspace", "imager", 3.0, 0.30, 2.0, 0.40), "experiments": None},
+    {**_exp("main", "a" * 40, "imager", 3.1, 0.29, 2.1, 0.39),
+     "experiments": [{"revs": [_exp("diffusers-arch", "b" * 40, "diffusers", 4.0, 0.20, 3.0, 0.25)]}]},
 ]
+
+
+WALL = {"workspace": 600.0, "main": 610.0, "diffusers-arch": 590.0}
 
 
 def test_quality_rows_compare_two_dvc_experiments():
@@ -211,18 +214,36 @@ def test_quality_rows_compare_two_dvc_experiments():
 
     runs = experiments(SHOW)
     assert {"workspace", "main", "diffusers-arch", "bbbbbbb"} <= set(runs)
-    rows = {c.key: c for c in quality_at_equal_compute(runs, "diffusers-arch")}
+    rows = {c.key: c for c in quality_at_equal_compute(runs, "diffusers-arch", training_seconds=WALL.__getitem__)}
     assert rows["quality_fid"].ratio == pytest.approx(3.0 / 4.0) and rows["quality_fid"].met  # 25 % lower ≤ 0.8
     assert rows["quality_r_precision"].ratio == pytest.approx(1.5) and rows["quality_r_precision"].met
     assert rows["quality_fid_base"].ratio == pytest.approx(2.0 / 3.0) and rows["quality_fid_base"].met
     assert rows["quality_r_precision_base"].ratio == pytest.approx(1.6)
     assert rows["quality_compute"].ratio == pytest.approx(600 / 590) and rows["quality_compute"].met is None
     assert "diffusers" in rows["quality_fid"].theirs_label and "imager" in rows["quality_fid"].ours_label
-    close = {c.key: c for c in quality_at_equal_compute(runs, "diffusers-arch", ours="main")}
+    close = {c.key: c for c in quality_at_equal_compute(runs, "diffusers-arch", ours="main", training_seconds=WALL.__getitem__)}
     assert close["quality_fid"].ratio == pytest.approx(3.1 / 4.0)
-    worse = experiments([_exp(None, "workspace", "imager", 3.9, 0.22, 600.0, 2.9, 0.26), SHOW[1]])
-    w = {c.key: c for c in quality_at_equal_compute(worse, "diffusers-arch")}
+    worse = experiments([_exp(None, "workspace", "imager", 3.9, 0.22, 2.9, 0.26), SHOW[1]])
+    w = {c.key: c for c in quality_at_equal_compute(worse, "diffusers-arch", training_seconds=WALL.__getitem__)}
     assert w["quality_fid"].met is False and w["quality_r_precision"].met is False  # 2.5 % and 10 %: not 20 %
+
+
+def test_training_times_come_from_the_experiments_mlflow_runs(mlflow_uri):
+    import mlflow
+
+    from benchmarks import BenchError
+    from benchmarks.quality import mlflow_training_seconds
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    mlflow.set_experiment("quality-times")
+    for exp, wall in ((None, 500.0), ("diffusers-arch", 480.0), (None, 610.0)):  # the workspace's latest: 610
+        tags = {"imager.stage": "train-base", **({"imager.dvc_exp_name": exp} if exp else {})}
+        with mlflow.start_run(tags=tags):
+            mlflow.log_metric("summary.wall_seconds", wall)
+    assert mlflow_training_seconds("workspace", experiment="quality-times") == 610.0
+    assert mlflow_training_seconds("diffusers-arch", experiment="quality-times") == 480.0
+    with pytest.raises(BenchError, match="no finished train-base run of 'other'"):
+        mlflow_training_seconds("other", experiment="quality-times")
 
 
 @pytest.mark.parametrize(
@@ -258,6 +279,7 @@ def fake_dvc(monkeypatch):
     import benchmarks.quality as quality
 
     monkeypatch.setattr(quality, "dvc_experiments", lambda repo=None: quality.experiments(SHOW))
+    monkeypatch.setattr(quality, "mlflow_training_seconds", lambda name, experiment="imager": WALL[name])
 
 
 QUALITY_ROW = "| Cascade FID (evaluator), equal compute | 3 FID (workspace: imager) | 4 FID (diffusers-arch: diffusers) | 0.75× | ≤ 0.80× | ✅ met |"

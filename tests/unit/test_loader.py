@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -151,3 +152,13 @@ def test_bad_shards_are_clear_errors(tmp_path):
         decode_png(b"\x89PNG but not really", "key-7")
     with pytest.raises(DataError, match="gone.tar: cannot read the shard"):
         list(read_shard(str(tmp_path / "gone.tar")))
+
+
+def test_build_index_counts_every_sample_and_names_a_damaged_shard(shards, tmp_path):
+    assert make(shards).build_index() == N
+    broken = tmp_path / "shards"
+    shutil.copytree(shards, broken)
+    victim = sorted(broken.glob("train-*.tar"))[1]
+    victim.write_bytes(b"not a tar file at all" * 10)
+    with pytest.raises(DataError, match=victim.name):
+        make(broken).build_index()
