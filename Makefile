@@ -1,11 +1,12 @@
 # Two commands on a fresh machine:  `make repro` (the pipeline) and `make test` (the test suite).
 # Each creates .venv and installs Imager into it when missing or when pyproject.toml changed.
+# `make test-fast` is the edit-test loop: the linter and the tests outside the slow tier.
 PYTHON ?= python3
 VENV   ?= .venv
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install repro test bench mlflow-ui clean-venv
+.PHONY: install repro lint test test-fast bench mlflow-ui clean-venv
 
 install: $(STAMP)
 
@@ -18,8 +19,14 @@ $(STAMP): pyproject.toml
 repro: install            ## run the whole DVC pipeline on the embedded default (OpenMoji)
 	dvc repro
 
-test: install             ## run the test suite
-	python -m pytest
+lint: install             ## ruff (its settings are in pyproject.toml)
+	ruff check .
+
+test: lint                ## the linter, then the whole test suite (what CI runs)
+	python -m pytest $(PYTEST_ARGS)
+
+test-fast: lint           ## the linter, then the tests outside the slow tier (no end-to-end training or dvc repro)
+	python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install            ## run the benchmarks into benchmarks/results/ (options: make bench ARGS="--fid --publish")
 	python -m benchmarks $(ARGS)

@@ -56,7 +56,7 @@ def evaluate(
     `evaluate`); sweep samplers and step counts; log the cascade as an MLflow pyfunc model."""
     from imager.evaluation.evaluator import load_evaluator
     from imager.evaluation.run import evaluate as run_evaluation
-    from imager.inference import Cascade, check_sampling
+    from imager.inference import Cascade, check_sampling, resolve_device
     from imager.io import atomic_write_json
     from imager.text.cache import EmbeddingCache
 
@@ -68,7 +68,8 @@ def evaluate(
         sampling = cfg.sampling(p.sampler)
         for stage in ("base", "sr"):
             check_sampling(sampling.stage(stage))
-        cascade = Cascade.load(base / MODEL_FILE, sr / MODEL_FILE, device=cfg.device)
+        device = resolve_device(cfg.device, "params.yaml: evaluate.device")
+        cascade = Cascade.load(base / MODEL_FILE, sr / MODEL_FILE, device=device)
         scorer = load_evaluator(evaluator / EVALUATOR_FILE)
         cache = EmbeddingCache(embeddings)
         result = run_evaluation(cascade, scorer, shards_dir=shards, cache=cache, cfg=cfg, sampler=p.sampler)

@@ -66,7 +66,7 @@ def generate(
         raise ConfigError(f"--out: directory {out.parent} does not exist")
     if negative is not None and negative.strip() and sampling.base.guidance == 1 and (no_sr or sampling.sr.guidance == 1):
         log.warning("--negative has no effect at guidance 1: the unconditional branch is not evaluated")
-    target = resolve_device(device)
+    target = resolve_device(device, "--device")
     cascade = Cascade.load(base, None if no_sr else sr, device=target)
     from transformers.utils import logging as hf_logging
 

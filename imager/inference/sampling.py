@@ -32,9 +32,10 @@ Tensor = torch.Tensor
 Cond = tuple[Tensor, Tensor, Tensor]  # tokens (B, L, D), mask (B, L) bool, pooled (B, P)
 
 
-def resolve_device(name: str | torch.device) -> torch.device:
+def resolve_device(name: str | torch.device, what: str = "device") -> torch.device:
     """``auto`` -> cuda when available, else cpu; ``cpu`` or ``cuda[:i]`` as given. A ConfigError
-    for a CUDA device torch cannot see."""
+    that starts with ``what`` (the option or key that gave it) for anything else, or for a CUDA
+    device torch cannot see."""
     if isinstance(name, torch.device):
         return name
     if name == "auto":
@@ -42,11 +43,13 @@ def resolve_device(name: str | torch.device) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"device: unknown device '{name}'; use auto, cpu or cuda[:i]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: '{name}' asked for, but torch sees no CUDA device; use cpu or auto")
+        raise ConfigError(f"{what}: unknown device '{name}'; use auto, cpu or cuda[:i]") from None
     if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device: '{name}' is not supported; use auto, cpu or cuda[:i]")
+        raise ConfigError(f"{what}: '{name}' is not supported; use auto, cpu or cuda[:i]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{what}: '{name}' asked for, but torch sees no CUDA device; use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{what}: '{name}' asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

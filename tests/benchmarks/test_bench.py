@@ -350,6 +350,7 @@ def test_the_documented_command_runs_from_the_repository_root():
 # ------------------------------------------------------------------------------------ end to end
 
 
+@pytest.mark.slow  # the whole benchmark command: the full suite only
 def test_quick_run_through_the_command_writes_the_results_folder(tmp_path, outputs):
     pytest.importorskip("diffusers")
     result = runner.invoke(app, [

@@ -159,6 +159,15 @@ def test_evaluate_end_to_end_with_pyfunc_round_trip(data, cascade, tmp_path, mon
     assert np.array_equal(negative, to_hwc(sr_neg).numpy())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_evaluate_on_cuda_without_a_gpu_is_one_line(data, cascade, tmp_path):
+    on_cuda = copy.deepcopy(PARAMS)
+    on_cuda["evaluate"]["device"] = "cuda"
+    line = error_line(*evaluate_args(data, cascade, write(tmp_path / "params.yaml", on_cuda), tmp_path))
+    assert line == "error: params.yaml: evaluate.device: 'cuda' asked for, but torch sees no CUDA device; use cpu or auto"
+    assert not (tmp_path / "evaluate.json").exists()
+
+
 def test_evaluate_without_the_evaluator_is_one_line(data, cascade, tmp_path):
     c = {**cascade, "evaluator": tmp_path / "missing"}
     line = error_line(*evaluate_args(data, c, cascade["params"], tmp_path))
@@ -238,7 +247,7 @@ def test_generate_passes_negative_prompt_threshold_and_device(cascade, tmp_path,
         (["--threshold", "soft"], "--threshold: input should be 'none', 'static' or 'dynamic', got 'soft'"),
         (["--spacing", "random"], "--spacing: input should be"),
         (["--sampler", "dpmpp_2m", "--eta", "0.5"], "sampler 'dpmpp_2m' takes no option 'eta'"),
-        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "device:"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device: '"),
     ],
 )
 def test_generate_bad_options_are_one_line(cascade, tmp_path, args, message):

@@ -138,11 +138,13 @@ def test_flat_overrides_name_the_option():
 def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(ConfigError, match="device: unknown device 'gpu'"):
-        resolve_device("gpu")
+    with pytest.raises(ConfigError, match="^--device: unknown device 'gpu'"):
+        resolve_device("gpu", "--device")
+    with pytest.raises(ConfigError, match="^device: 'meta' is not supported"):
+        resolve_device("meta")
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="torch sees no CUDA device"):
-            resolve_device("cuda")
+        with pytest.raises(ConfigError, match="^params.yaml: evaluate.device: 'cuda' asked for, but torch sees no CUDA device"):
+            resolve_device("cuda", "params.yaml: evaluate.device")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -421,6 +421,7 @@ def shapes(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
     return torch.stack(images)
 
 
+@pytest.mark.slow  # trains a model: the full suite only
 def test_tiny_model_overfits_eight_images():
     """eps-prediction on the library's cosine schedule (imager.diffusion: q_sample + diffusion_loss):
     the loss on a fixed set of (t, eps) draws must fall at least 10×. A fresh model predicts 0, so
