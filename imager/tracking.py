@@ -8,6 +8,7 @@ its counts and timings as metrics and its report as an artifact, with these tags
     imager.git_commit     HEAD of the project's git repository (``imager.git_dirty`` when edited)
     imager.dvc_exp_name   DVC_EXP_NAME, set by ``dvc exp run``
     imager.pipeline_run   an id shared by the stages of one pipeline run
+    imager.version.<pkg>  the installed version of imager, torch, transformers, open_clip_torch, diffusers
 
 A run under ``dvc exp run`` is named ``<stage> · <experiment>`` so that the MLflow UI tells the
 experiments apart; the data a run read (shards, embedding cache) is logged as its dataset inputs,
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 TAG_STAGE, TAG_COMMIT, TAG_DIRTY = "imager.stage", "imager.git_commit", "imager.git_dirty"
 TAG_EXP, TAG_PIPELINE = "imager.dvc_exp_name", "imager.pipeline_run"
 PIPELINE_ENV = "IMAGER_PIPELINE_RUN"
+# The versions that decide the numbers (a new torch or transformers may change embeddings and
+# weights in their last bits), recorded as tags ``imager.version.<package>``.
+TAG_VERSION, VERSIONED = "imager.version", ("imager", "torch", "transformers", "open_clip_torch", "diffusers")
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI opens on runs, not on GenAI traces
 _INVALID_METRIC_CHARS = re.compile(r"[^A-Za-z0-9_\-. /:]")
 
@@ -139,7 +143,17 @@ def run_tags(stage: str) -> dict[str, str]:
         tags[TAG_DIRTY] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
     if os.environ.get("DVC_EXP_NAME"):
         tags[TAG_EXP] = os.environ["DVC_EXP_NAME"]
+    tags |= {f"{TAG_VERSION}.{name}": v for name in VERSIONED if (v := _version(name))}
     return tags
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 class StageRun:

@@ -16,18 +16,22 @@ from typing import TYPE_CHECKING, Any
 from imager.inference.config import CascadeSampling, SRSampling, StageSampling
 
 if TYPE_CHECKING:
-    from imager.inference.cascade import Cascade, encode_prompts
+    from imager.inference.cascade import Cascade, encode_negative, encode_prompts
     from imager.inference.sampling import Stage, check_sampling, resolve_device
 
 _LAZY = {
     "Cascade": "imager.inference.cascade",
+    "encode_negative": "imager.inference.cascade",
     "encode_prompts": "imager.inference.cascade",
     "Stage": "imager.inference.sampling",
     "check_sampling": "imager.inference.sampling",
     "resolve_device": "imager.inference.sampling",
 }
 
-__all__ = ["Cascade", "CascadeSampling", "SRSampling", "Stage", "StageSampling", "check_sampling", "encode_prompts", "resolve_device"]
+__all__ = [
+    "Cascade", "CascadeSampling", "SRSampling", "Stage", "StageSampling", "check_sampling", "encode_negative", "encode_prompts",
+    "resolve_device",
+]  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:

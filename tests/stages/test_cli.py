@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
@@ -76,6 +77,7 @@ def test_three_stages_end_to_end_with_mlflow_runs(tmp_path, write_params, monkey
         assert tags["imager.git_commit"] == commit
         assert tags["imager.dvc_exp_name"] == "tiny-exp"
         assert tags["imager.pipeline_run"] == "pipeline-42"
+        assert tags["imager.version.torch"] == version("torch") and tags["imager.version.transformers"] == version("transformers")
         assert run.data.metrics["seconds"] > 0
     assert runs["download"].data.params["download.limit"] == "24"
     assert runs["download"].data.metrics["kept"] == download["kept"]
