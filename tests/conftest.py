@@ -22,6 +22,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: small tensors gain nothing from intra-op threads, and on a busy
+    2-core machine two OpenMP threads spin-wait for each other (10x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory) -> str:
     # One sqlite store for the whole session: creating its tables takes seconds.

@@ -6,16 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine two OpenMP threads spin-wait for each other (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every benchmark test on one torch thread (tests/conftest.py says why)."""
 
 
 @pytest.fixture(autouse=True)

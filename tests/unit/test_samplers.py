@@ -54,13 +54,7 @@ MU = torch.linspace(-0.8, 0.8, D, dtype=F64)  # (D,) per-dimension mean μ
 S = torch.linspace(0.3, 1.0, D, dtype=F64)  # (D,) per-dimension standard deviation s
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # (N, 16) float64 tensors: intra-op threads cost more than they save on 2 shared cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (N, 16) float64 tensors: threads cost more than they save
 
 
 def gen(seed: int) -> torch.Generator:
