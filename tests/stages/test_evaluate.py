@@ -242,7 +242,7 @@ def test_generate_passes_negative_prompt_threshold_and_device(cascade, tmp_path,
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--sampler", "nope"], "unknown sampler 'nope'"),
+        (["--sampler", "nope"], "--sampler: input should be 'ddpm', 'ddim', "),
         (["--out", "x.jpg"], "must be a .png"),
         (["--threshold", "soft"], "--threshold: input should be 'none', 'static' or 'dynamic', got 'soft'"),
         (["--spacing", "random"], "--spacing: input should be"),
