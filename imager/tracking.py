@@ -70,9 +70,10 @@ def dataset_digest(path: Path) -> str:
         lock = {}
         rel = None
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else ([path] if path.is_file() else [])
+    size = sum(f.stat().st_size for f in files)
     for stage in (lock.get("stages") or {}).values():
         for out in stage.get("outs") or []:
-            same = out.get("nfiles", len(files)) == len(files) and out.get("size", -1) == sum(f.stat().st_size for f in files)
+            same = out.get("nfiles", len(files)) == len(files) and out.get("size", -1) == size
             if out.get("path") == rel and out.get("md5") and same:
                 return str(out["md5"])
     h = hashlib.sha256()
