@@ -46,7 +46,7 @@ def odd_mode(mode: str) -> str:
     return "odd_mode_" + re.sub(r"[^a-z0-9]", "", mode.lower())
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     """RGB on a white background (alpha composited), from any mode Pillow can convert."""
     if im.mode.startswith("I;16"):
         im = im.convert("I")  # any byte order; "I" is the only 16/32-bit mode point() takes
@@ -89,7 +89,7 @@ def decode(data: bytes, cfg: Shard) -> tuple[Image.Image, str | None]:
         raise Rejected("not_an_image") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError):
         raise Rejected("truncated") from None
-    return _to_rgb(im), odd
+    return to_rgb(im), odd
 
 
 def square(im: Image.Image, size: int, resample: str) -> Image.Image:

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from imager.errors import CheckpointError, ConfigError
-from imager.inference.config import CascadeSampling, SRSampling
-from imager.inference.images import noise_augment
-from imager.inference.sampling import Cond, Stage
+from imager.inference.config import CascadeSampling, SRSampling, StageSampling
+from imager.inference.images import noise_augment, resize, resize_mask
+from imager.inference.sampling import Cond, Stage, overlay_known
 
 Tensor = torch.Tensor
 SR_NOISE_OFFSET = 1_000_003  # the SR input's augmentation noise is seeded apart from the sampler's
@@ -87,6 +87,9 @@ class Cascade:
         negative: Cond | None = None,
         use_sr: bool = True,
         on_batch: Callable[[int], None] | None = None,
+        image: Tensor | None = None,
+        mask: Tensor | None = None,
+        overlay: bool = True,
     ) -> tuple[Tensor, Tensor | None]:
         """(base (B, 3, r, r), sr (B, 3, R, R) or None) in [-1, 1], on the CPU, for ``cond``.
 
@@ -94,33 +97,79 @@ class Cascade:
         the batch's first image``, so a seed and batch size always give the same images. ``negative``
         (batch B or 1) replaces the null condition in both stages' guidance. ``on_batch(n)`` is
         called after each batch with its size (progress bars).
+
+        From an image (:mod:`imager.inference.edit` reads and prepares them): ``image`` (B or 1, 3,
+        S, S) in [-1, 1] and ``mask`` (B or 1, 1, S, S) in [0, 1], 1 = repaint. Each stage gets them
+        resized to its resolution (:func:`resize`, :func:`resize_mask`) and uses them as its
+        settings say: img2img from the image when its ``strength`` < 1 (the SR stage then refines
+        the given image rather than upsampling from noise), inpainting of the mask (``resample``:
+        RePaint's resampling). The SR stage's input is the base result with the known pixels
+        overlaid; ``overlay`` False returns both results without the overlay (to measure it).
         """
-        tokens, mask, pooled = cond
+        tokens, text_mask, pooled = cond
         n = tokens.shape[0]
         base_cfg, sr_cfg = cfg.stage("base"), cfg.stage("sr")
+        if mask is not None and image is None:
+            raise ConfigError("a mask needs an image: the pixels it keeps")
+        if image is not None and (image.ndim != 4 or image.shape[1] != 3 or image.shape[-1] != image.shape[-2]):
+            raise ConfigError(f"image: expected (B, 3, S, S), got {tuple(image.shape)}")
+        if mask is not None and (mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[-2:] != image.shape[-2:]):  # type: ignore[union-attr]
+            raise ConfigError(f"mask: expected (B, 1, {image.shape[-2]}, {image.shape[-1]}) like the image, got {tuple(mask.shape)}")  # type: ignore[union-attr]
+        sr_used = self.sr is not None and use_sr
+        if mask is not None and not bool(mask.any()):  # nothing to repaint: the input, at each stage's size
+            image = image.float().cpu().expand(n, -1, -1, -1)  # type: ignore[union-attr]
+            if on_batch is not None:
+                on_batch(n)
+            return resize(image, self.base.resolution), resize(image, self.sr.resolution) if sr_used else None  # type: ignore[union-attr]
+        base_in = self._inputs(self.base, base_cfg, image, mask)
+        sr_in = self._inputs(self.sr, sr_cfg, image, mask) if sr_used else (None, None)  # type: ignore[arg-type]
         bases, srs = [], []
         for start in range(0, n, cfg.batch_size):
-            c = tuple(t[start : start + cfg.batch_size] for t in (tokens, mask, pooled))
+            c = tuple(t[start : start + cfg.batch_size] for t in (tokens, text_mask, pooled))
             neg = None if negative is None else _rows(negative, start, cfg.batch_size)
-            base = self.base.sample(c, base_cfg, seed=cfg.seed + start, negative=neg)
-            bases.append(base.cpu())
-            if self.sr is not None and use_sr:
-                srs.append(self.super_resolve(base, c, sr_cfg, seed=cfg.seed + start, negative=neg).cpu())  # type: ignore[arg-type]
+            init, known = (None if t is None else _batch_rows(t, start, cfg.batch_size) for t in base_in)
+            raw = self.base.sample(c, base_cfg, seed=cfg.seed + start, negative=neg, init=init, mask=known, overlay=False)
+            base = raw if known is None else overlay_known(raw, init, known)
+            bases.append((base if overlay else raw).cpu())
+            if sr_used:
+                init, known = (None if t is None else _batch_rows(t, start, cfg.batch_size) for t in sr_in)
+                high = self.super_resolve(base, c, sr_cfg, seed=cfg.seed + start, negative=neg, init=init, mask=known, overlay=overlay)
+                srs.append(high.cpu())
             if on_batch is not None:
                 on_batch(c[0].shape[0])
         return torch.cat(bases), (torch.cat(srs) if srs else None)
 
+    @staticmethod
+    def _inputs(stage: Stage, cfg: StageSampling, image: Tensor | None, mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """(init, mask) at the stage's resolution, or None for what the stage does not use."""
+        if image is None or (cfg.strength == 1 and mask is None):
+            return None, None
+        size = stage.resolution
+        return resize(image.float(), size), None if mask is None else resize_mask(mask.float(), size)
+
     @torch.no_grad()
-    def super_resolve(self, lowres: Tensor, cond: Cond, cfg: SRSampling, *, seed: int, negative: Cond | None = None) -> Tensor:
+    def super_resolve(
+        self,
+        lowres: Tensor,
+        cond: Cond,
+        cfg: SRSampling,
+        *,
+        seed: int,
+        negative: Cond | None = None,
+        init: Tensor | None = None,
+        mask: Tensor | None = None,
+        overlay: bool = True,
+    ) -> Tensor:
         """(B, 3, R, R) in [-1, 1] on the model's device from ``lowres`` (B, 3, r, r) in [-1, 1]: the
-        input is noise-augmented to ``cfg.aug_level`` (the model's own level when None), then sampled."""
+        input is noise-augmented to ``cfg.aug_level`` (the model's own level when None), then sampled
+        (from ``init``/``mask`` at R px as :meth:`Stage.sample` takes them)."""
         if self.sr is None:
             raise CheckpointError("this cascade has no super-resolution model")
         level = self.sr.aug_level if cfg.aug_level is None else cfg.aug_level
         gen = torch.Generator().manual_seed(seed + SR_NOISE_OFFSET)
         aug = torch.full((lowres.shape[0],), float(level))
         low = noise_augment(lowres.float().cpu(), aug, self.sr.schedule, gen)
-        return self.sr.sample(cond, cfg, seed=seed, negative=negative, lowres=low, aug_level=aug)
+        return self.sr.sample(cond, cfg, seed=seed, negative=negative, lowres=low, aug_level=aug, init=init, mask=mask, overlay=overlay)
 
 
 def _rows(cond: Cond, start: int, size: int) -> Cond:
@@ -128,6 +177,11 @@ def _rows(cond: Cond, start: int, size: int) -> Cond:
     if cond[0].shape[0] == 1:
         return cond
     return tuple(t[start : start + size] for t in cond)  # type: ignore[return-value]
+
+
+def _batch_rows(t: Tensor, start: int, size: int) -> Tensor:
+    """A batch's rows of an image or mask; one of batch 1 is shared by every batch."""
+    return t if t.shape[0] == 1 else t[start : start + size]
 
 
 def encode_prompts(encoder: Any, prompts: Sequence[str]) -> tuple[Cond, int]:

@@ -30,6 +30,9 @@ class StageSampling(Section):
     percentile  dynamic thresholding's quantile of |x̂0|
     eta         the stochastic samplers' noise scale (ddim, euler_ancestral, dpmpp_2m_sde); None: theirs
     options     other options the sampler takes (s_churn, s_noise, ...); an unknown one is an error
+    strength    with an input image: how much of it is redone (img2img, SDEdit): the run takes the
+                last int(steps · strength) steps from the image noised to that level; 1: from noise
+    resample    with a mask: RePaint's resampling, each step taken this many times (1: none)
     """
 
     sampler: SamplerName | None = None
@@ -40,6 +43,8 @@ class StageSampling(Section):
     percentile: float = Field(0.995, gt=0, le=1)
     eta: float | None = Field(None, ge=0)
     options: dict[str, float] = Field(default_factory=dict)
+    strength: float = Field(1.0, gt=0, le=1)
+    resample: int = Field(1, ge=1, le=50)
 
     @field_validator("options")
     @classmethod
@@ -93,6 +98,10 @@ OVERRIDES: dict[str, tuple[tuple[str, ...], ...]] = {
     "sr_steps": (("sr", "steps"),),
     "sr_guidance": (("sr", "guidance"),),
     "sr_aug_level": (("sr", "aug_level"),),
+    "strength": (("base", "strength"),),
+    "sr_strength": (("sr", "strength"),),
+    "resample": (("base", "resample"),),
+    "sr_resample": (("sr", "resample"),),
 }
 
 

@@ -37,6 +37,26 @@ def downsample(x: Tensor, size: int) -> Tensor:
     return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="area")
 
 
+def resize(x: Tensor, size: int) -> Tensor:
+    """(B, C, H, W) in [-1, 1] -> (B, C, size, size): area averaging down, bicubic up (clamped)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    if x.shape[-1] > size:
+        return F.interpolate(x, size=(size, size), mode="area")
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def resize_mask(mask: Tensor, size: int) -> Tensor:
+    """(B, 1, H, W) in [0, 1] (1 = repaint) -> (B, 1, size, size): the largest value under each new
+    pixel when shrinking (a pixel with any repainted part is repainted; kept pixels stay exactly
+    kept), nearest when growing."""
+    if mask.shape[-2:] == (size, size):
+        return mask
+    if mask.shape[-1] > size:
+        return F.adaptive_max_pool2d(mask, (size, size))
+    return F.interpolate(mask, size=(size, size), mode="nearest")
+
+
 def upscale(images: Tensor, size: int) -> Tensor:
     """Nearest-neighbour upscaling to ``size`` for side-by-side grids."""
     return images if images.shape[-1] == size else F.interpolate(images, size=(size, size), mode="nearest")

@@ -137,6 +137,9 @@ class Stage:
         lowres: Tensor | None = None,
         aug_level: Tensor | None = None,
         on_denoise: Callable[[Tensor], None] | None = None,
+        init: Tensor | None = None,
+        mask: Tensor | None = None,
+        overlay: bool = True,
     ) -> Tensor:
         """(B, 3, R, R) samples in [-1, 1] on the model's device for the text condition ``cond``.
 
@@ -145,12 +148,17 @@ class Stage:
         or, when None, the model's null condition; ``cfg.threshold`` acts on the guided x̂0. The SR model also takes ``lowres`` (B, 3, r, r) in [-1, 1], already
         noise-augmented to ``aug_level`` (B,). ``on_denoise(x̂0)`` sees the guided x̂0 (B, 3, R, R)
         after every denoiser call (live previews). Noise: a CPU generator seeded ``seed``.
+
+        From an image: ``init`` (B or 1, 3, R, R) in [-1, 1] is the start of img2img when
+        ``cfg.strength`` < 1, and the known image of inpainting when ``mask`` (B or 1, 1, R, R) in
+        [0, 1], 1 = repaint, is given (``cfg.resample``: RePaint's resampling); the known pixels
+        are then overlaid on the result (``overlay``), so they come back exactly where mask = 0.
         """
         if cfg.sampler is None:
             raise SamplerError("no sampler given; set the stage's or the cascade's sampler")
         model, device, dtype = self.model, self.device, self.dtype
         model.eval()
-        tokens, mask, pooled = _to(cond, device, dtype)
+        tokens, text_mask, pooled = _to(cond, device, dtype)
         batch = tokens.shape[0]
         uncond = model.null_condition(batch)
         if negative is not None:
@@ -161,7 +169,7 @@ class Stage:
         else:
             extra = (lowres.to(device, dtype), aug_level.to(device))
             net = lambda x, t, tk, mk, pl, lo, aug: model(x.to(dtype), t, tk, mk, pl, lowres=lo, aug_level=aug).float()  # noqa: E731
-        guided = cfg_net(net, (tokens, mask, pooled, *extra), (*uncond, *extra), cfg.guidance)
+        guided = cfg_net(net, (tokens, text_mask, pooled, *extra), (*uncond, *extra), cfg.guidance)
         denoise = thresholded(model_denoiser(guided, self.schedule, self.prediction), cfg.threshold, cfg.percentile)
         if on_denoise is not None:
             inner = denoise
@@ -171,8 +179,32 @@ class Stage:
                 on_denoise(x0)
                 return x0
 
-        gen = torch.Generator().manual_seed(seed)
         shape = (batch, model.config.out_channels, self.resolution, self.resolution)
+        if init is not None:
+            init = _image_input(init, shape, "init image").float().to(device)
+        if mask is not None:
+            if init is None:
+                raise SamplerError("a mask needs an init image (the known pixels)")
+            mask = _image_input(mask, (batch, 1, *shape[2:]), "mask").float().to(device)
+        if init is None and cfg.strength < 1:
+            raise SamplerError(f"strength {cfg.strength} needs an input image; without one use strength 1")
+        gen = torch.Generator().manual_seed(seed)
         x = sample(denoise, shape, self.schedule, sampler=cfg.sampler, steps=cfg.steps, spacing=cfg.spacing,
-                   generator=gen, eta=cfg.eta, device=device, **cfg.options)
-        return x.clamp(-1, 1)
+                   generator=gen, eta=cfg.eta, device=device, init=init if (cfg.strength < 1 or mask is not None) else None,
+                   strength=cfg.strength, mask=mask, resample=cfg.resample if mask is not None else 1, **cfg.options)
+        x = x.clamp(-1, 1)
+        if mask is not None and overlay:
+            x = overlay_known(x, init, mask)
+        return x
+
+
+def overlay_known(x: Tensor, known: Tensor, mask: Tensor) -> Tensor:
+    """m·x + (1 − m)·known: the known pixels (mask 0) back exactly, a feathered edge blended."""
+    return torch.where(mask == 0, known.to(x), mask * x + (1 - mask) * known.to(x))
+
+
+def _image_input(t: Tensor, shape: tuple[int, ...], what: str) -> Tensor:
+    """``t`` of batch 1 expanded to ``shape``'s batch; a SamplerError for any other shape."""
+    if t.ndim != 4 or tuple(t.shape[1:]) != tuple(shape[1:]) or t.shape[0] not in (1, shape[0]):
+        raise SamplerError(f"{what}: expected shape ({shape[0]} or 1, {', '.join(map(str, shape[1:]))}), got {tuple(t.shape)}")
+    return t.expand(shape)

@@ -12,6 +12,7 @@ import torch
 from imager.diffusion.config import Spacing
 from imager.diffusion.schedule import NoiseSchedule
 from imager.errors import SamplerError
+from imager.samplers.editing import check_strength, repaint_denoiser, sample_resampled, strength_sigmas
 from imager.samplers.solvers import (
     Denoiser,
     sample_ddim,
@@ -87,6 +88,10 @@ def sample(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     progress: bool = False,
+    init: Tensor | None = None,
+    strength: float = 1.0,
+    mask: Tensor | None = None,
+    resample: int = 1,
     **options: float,
 ) -> Tensor:
     """Draw samples x0 of ``shape`` = (B, ...) with a registered sampler.
@@ -98,6 +103,13 @@ def sample(
     SamplerError. Noise comes only from ``generator``, drawn on the generator's device and moved to
 ``device`` (default: the generator's), so a CPU generator gives every device the same noise.
 Returns (B, ...) samples on ``device``.
+
+    Image conditioning (:mod:`imager.samplers.editing`), with ``init`` (B, ...) a clean image x0:
+    ``strength`` < 1 (img2img, SDEdit) runs only the last ``int(steps · strength)`` steps, from
+    x = init + σ_start·z with the same z the prior start would use (strength 1 is the plain prior
+    start, so it gives exactly the text-to-image sample of the seed); ``mask`` (1 = repaint,
+    broadcastable to x) keeps the rest of ``init`` by RePaint's replacement, and ``resample`` > 1
+    adds RePaint's resampling. The known pixels are not overlaid here (the caller does it).
     """
     spec = get_sampler(sampler)
     if eta is not None:
@@ -106,9 +118,18 @@ Returns (B, ...) samples on ``device``.
     if unknown:
         takes = ", ".join(spec.options) or "none"
         raise SamplerError(f"sampler '{spec.name}' takes no option '{unknown[0]}'; it takes: {takes}")
+    strength = check_strength(strength)
+    if init is None and (strength < 1 or mask is not None):
+        raise SamplerError("strength < 1 and a mask need an init image")
     sigmas = schedule.sampling_sigmas(steps, spacing or spec.default_spacing)  # (steps + 1,) float64
     gen_device = generator.device if generator is not None else torch.device(device or "cpu")
     z = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=gen_device)  # (B, ...)
     z = z.to(device or gen_device)
-    x = z * math.sqrt(1 + float(sigmas[0]) ** 2)  # VP prior N(0, I) at σ_0, as VE
-    return spec.fn(denoise, x, sigmas, generator=generator, progress=progress, **options)
+    if strength < 1:
+        sigmas = strength_sigmas(sigmas, strength)
+        x = init.to(z) + float(sigmas[0]) * z  # SDEdit: the image noised to the start level, x0 + σ·z
+    else:
+        x = z * math.sqrt(1 + float(sigmas[0]) ** 2)  # VP prior N(0, I) at σ_0, as VE
+    if mask is not None:
+        denoise = repaint_denoiser(denoise, init.to(z), mask.to(z), generator)
+    return sample_resampled(spec.fn, denoise, x, sigmas, resample=resample, generator=generator, progress=progress, **options)
