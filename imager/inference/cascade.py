@@ -38,9 +38,7 @@ class Cascade:
             s = sr.model.config
             for key in ("text_dim", "pooled_dim", "context_length"):
                 if getattr(b, key) != getattr(s, key):
-                    raise CheckpointError(
-                        f"the base and SR models were trained on different text embeddings ({key}: {getattr(b, key)} vs {getattr(s, key)})"
-                    )
+                    raise CheckpointError(f"the base and SR models were trained on different text embeddings ({key}: {getattr(b, key)} vs {getattr(s, key)})")
             if sr.lowres != base.resolution:
                 raise CheckpointError(f"the SR model takes {sr.lowres} px inputs but the base model makes {base.resolution} px images")
         self.base, self.sr = base, sr

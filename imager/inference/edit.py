@@ -123,12 +123,12 @@ def read_mask(source: Any, size: tuple[int, int], what: str = "mask", notes: lis
         im = to_rgb(im)  # transparent = white background, as for images
     gray = im.convert("L")
     if gray.size != size:
-        (w, h), (W, H) = gray.size, size
-        if abs(w * H - h * W) > max(w, W):  # more than a pixel's rounding apart
-            raise ConfigError(f"{what}: {w}x{h} has another shape than the image ({W}x{H}); give a mask of the image's size")
+        (w, h), (iw, ih) = gray.size, size
+        if abs(w * ih - h * iw) > max(w, iw):  # more than a pixel's rounding apart
+            raise ConfigError(f"{what}: {w}x{h} has another shape than the image ({iw}x{ih}); give a mask of the image's size")
         gray = gray.resize(size, Image.Resampling.NEAREST)
         if notes is not None:
-            notes.append(f"{what}: {w}x{h} resized to the image's {W}x{H}")
+            notes.append(f"{what}: {w}x{h} resized to the image's {iw}x{ih}")
     return gray.point(lambda v: 255 if v > 127 else 0)
 
 
@@ -174,17 +174,17 @@ def outpaint(image: Image.Image, mask: Image.Image | None, pad: Mapping[str, int
     the padding to repaint (white) and the image's own pixels kept unless ``mask`` repaints them."""
     left, top, right, bottom = (pad.get(s, 0) for s in SIDES)
     w, h = image.size
-    W, H = w + left + right, h + top + bottom
-    if max(W, H) > MAX_SIDE:
-        raise ConfigError(f"outpaint: the canvas would be {W}x{H}, larger than {MAX_SIDE} px on a side")
-    if W != H:  # the models are square: the short side is extended on both ends, and repainted too
-        extra = abs(W - H)
-        if W < H:
+    cw, ch = w + left + right, h + top + bottom
+    if max(cw, ch) > MAX_SIDE:
+        raise ConfigError(f"outpaint: the canvas would be {cw}x{ch}, larger than {MAX_SIDE} px on a side")
+    if cw != ch:  # the models are square: the short side is extended on both ends, and repainted too
+        extra = abs(cw - ch)
+        if cw < ch:
             left, right = left + extra // 2, right + extra - extra // 2
         else:
             top, bottom = top + extra // 2, bottom + extra - extra // 2
         if notes is not None:
-            notes.append(f"outpaint: the {W}x{H} canvas is not square; extended to {max(W, H)}x{max(W, H)} (that padding is outpainted too)")
+            notes.append(f"outpaint: the {cw}x{ch} canvas is not square; extended to {max(cw, ch)}x{max(cw, ch)} (that padding is outpainted too)")
     canvas = _pad_edge(image, left, top, right, bottom)
     inner = mask if mask is not None else Image.new("L", image.size, 0)
     full = Image.new("L", canvas.size, 255)

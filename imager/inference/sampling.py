@@ -189,9 +189,22 @@ class Stage:
         if init is None and cfg.strength < 1:
             raise SamplerError(f"strength {cfg.strength} needs an input image; without one use strength 1")
         gen = torch.Generator().manual_seed(seed)
-        x = sample(denoise, shape, self.schedule, sampler=cfg.sampler, steps=cfg.steps, spacing=cfg.spacing,
-                   generator=gen, eta=cfg.eta, device=device, init=init if (cfg.strength < 1 or mask is not None) else None,
-                   strength=cfg.strength, mask=mask, resample=cfg.resample if mask is not None else 1, **cfg.options)
+        x = sample(
+            denoise,
+            shape,
+            self.schedule,
+            sampler=cfg.sampler,
+            steps=cfg.steps,
+            spacing=cfg.spacing,
+            generator=gen,
+            eta=cfg.eta,
+            device=device,
+            init=init if (cfg.strength < 1 or mask is not None) else None,
+            strength=cfg.strength,
+            mask=mask,
+            resample=cfg.resample if mask is not None else 1,
+            **cfg.options,
+        )
         x = x.clamp(-1, 1)
         if mask is not None and overlay:
             x = overlay_known(x, init, mask)

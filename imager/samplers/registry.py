@@ -96,20 +96,20 @@ def sample(
 ) -> Tensor:
     """Draw samples x0 of ``shape`` = (B, ...) with a registered sampler.
 
-    σ_0 > … > σ_steps = 0 come from ``schedule.sampling_sigmas(steps, spacing)`` (the sampler's
-    default spacing when None). The start is the VP prior x_vp ~ N(0, I) at σ_0 in VE coordinates,
-    x = x_vp/α(σ_0) = z·√(1 + σ_0²) (σ_0 = schedule.sigma_max for every spacing but "leading").
-    ``eta`` and ``options`` (s_churn, s_noise, ...) go to the sampler; one it does not take is a
-    SamplerError. Noise comes only from ``generator``, drawn on the generator's device and moved to
-``device`` (default: the generator's), so a CPU generator gives every device the same noise.
-Returns (B, ...) samples on ``device``.
+        σ_0 > … > σ_steps = 0 come from ``schedule.sampling_sigmas(steps, spacing)`` (the sampler's
+        default spacing when None). The start is the VP prior x_vp ~ N(0, I) at σ_0 in VE coordinates,
+        x = x_vp/α(σ_0) = z·√(1 + σ_0²) (σ_0 = schedule.sigma_max for every spacing but "leading").
+        ``eta`` and ``options`` (s_churn, s_noise, ...) go to the sampler; one it does not take is a
+        SamplerError. Noise comes only from ``generator``, drawn on the generator's device and moved to
+    ``device`` (default: the generator's), so a CPU generator gives every device the same noise.
+    Returns (B, ...) samples on ``device``.
 
-    Image conditioning (:mod:`imager.samplers.editing`), with ``init`` (B, ...) a clean image x0:
-    ``strength`` < 1 (img2img, SDEdit) runs only the last ``int(steps · strength)`` steps, from
-    x = init + σ_start·z with the same z the prior start would use (strength 1 is the plain prior
-    start, so it gives exactly the text-to-image sample of the seed); ``mask`` (1 = repaint,
-    broadcastable to x) keeps the rest of ``init`` by RePaint's replacement, and ``resample`` > 1
-    adds RePaint's resampling. The known pixels are not overlaid here (the caller does it).
+        Image conditioning (:mod:`imager.samplers.editing`), with ``init`` (B, ...) a clean image x0:
+        ``strength`` < 1 (img2img, SDEdit) runs only the last ``int(steps · strength)`` steps, from
+        x = init + σ_start·z with the same z the prior start would use (strength 1 is the plain prior
+        start, so it gives exactly the text-to-image sample of the seed); ``mask`` (1 = repaint,
+        broadcastable to x) keeps the rest of ``init`` by RePaint's replacement, and ``resample`` > 1
+        adds RePaint's resampling. The known pixels are not overlaid here (the caller does it).
     """
     spec = get_sampler(sampler)
     if eta is not None:

@@ -118,9 +118,7 @@ def sample_ddim(
 
 
 @torch.no_grad()
-def sample_ddpm(
-    denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None, progress: bool = False
-) -> Tensor:
+def sample_ddpm(denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
     """DDPM ancestral sampling, Ho et al. 2020, Alg. 2: x_s ~ q(x_s | x_t, x̂0) at every step.
 
     The posterior of Ho et al. Eq. 6–7, for any pair σ_t > σ_s and written in VE coordinates
@@ -219,9 +217,7 @@ def sample_heun(
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(
-    denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None, progress: bool = False
-) -> Tensor:
+def sample_dpmpp_2m(denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
     """DPM-Solver++(2M), Lu et al. 2022, "DPM-Solver++", Alg. 2: multistep, second order in λ = −log σ.
 
     In VE coordinates (α = 1, σ = σ_VE; Alg. 2 divided by α_{t_i}) a step t_{i−1} → t_i is
