@@ -212,8 +212,10 @@ class Stage:
 
 
 def overlay_known(x: Tensor, known: Tensor, mask: Tensor) -> Tensor:
-    """m·x + (1 − m)·known: the known pixels (mask 0) back exactly, a feathered edge blended."""
-    return torch.where(mask == 0, known.to(x), mask * x + (1 - mask) * known.to(x))
+    """m·x + (1 − m)·known: the known pixels (mask 0) back exactly, a feathered edge blended; on
+    x's device and dtype (the cascade's known image and mask are on the CPU)."""
+    known, mask = known.to(x), mask.to(x)
+    return torch.where(mask == 0, known, mask * x + (1 - mask) * known)
 
 
 def _image_input(t: Tensor, shape: tuple[int, ...], what: str) -> Tensor:
