@@ -6,21 +6,52 @@ sampling settings of the evaluation, so that
     images = model.predict(["red apple"], params={"seed": 3, "steps": 50, "negative_prompt": "blurry"})
     images = model.predict(pd.DataFrame({"prompt": ["red apple"], "negative_prompt": ["green"]}))
 
+    photo, hole = Path("apple.png").read_bytes(), Path("hole.png").read_bytes()  # hole: white = repaint
+    img2img = model.predict(pd.DataFrame({"prompt": ["red apple"], "image": [photo]}), params={"strength": 0.6})
+    inpainted = model.predict(pd.DataFrame({"prompt": ["red apple"], "image": [photo], "mask": [hole]}))
+    outpainted = model.predict(pd.DataFrame({"prompt": ["red apple"], "image": [photo]}), params={"outpaint": "left=16"})
+
 works anywhere Imager is installed. It samples on CUDA when torch sees a GPU, else on the CPU.
 The evaluate stage logs it (``StageRun.log_cascade``).
+
+Images: a DataFrame's optional ``image`` and ``mask`` columns hold one per prompt, PNG/JPEG bytes
+or uint8 arrays ((H, W, 3), (H, W, 4) RGBA, (H, W) gray), None for a row without; they are read and
+checked by :func:`imager.inference.edit.prepare` (``mask_blur`` and ``outpaint`` go to it; outpaint
+extends every row that has an image) and its notes are logged as warnings. A model loaded with
+``mlflow.pyfunc.load_model`` takes bytes and arrays alike; through MLflow's REST server
+(``dataframe_split`` JSON) a cell is base64 text, which the model decodes. A path is never read: a
+request must not open the server's files. The result is at the cascade's resolution whatever the
+input's size.
+
+Seeds: a call without images is sampled in batches of ``batch_size``, the batch from row ``start``
+seeded ``seed + start`` (as the evaluation samples). A row with an image is sampled alone, seeded
+``seed + its row index``, so it gives the same image whatever rows surround it; a row without one
+gives what it gives in the same call without the image columns.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
+import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow.pyfunc
 import numpy as np
 
+from imager.errors import ConfigError
 from imager.inference.config import CascadeSampling
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from imager.inference.edit import EditInput
+    from imager.inference.sampling import Cond
+
+log = logging.getLogger("imager")
 CONFIG = "cascade.json"
 MODEL_CODE = """\
 import mlflow.models
@@ -30,7 +61,8 @@ from imager.serving import CascadeModel
 mlflow.models.set_model(CascadeModel())
 """
 # Per-call options of predict(params=...): name -> MLflow type. The sampling ones are the flat names
-# of imager.inference.config.OVERRIDES; negative_prompt applies to every prompt of the call.
+# of imager.inference.config.OVERRIDES; negative_prompt applies to every prompt of the call, and the
+# EDIT_OPTIONS to every row with an image.
 OPTIONS: dict[str, str] = {
     "sampler": "string",
     "steps": "long",
@@ -42,7 +74,14 @@ OPTIONS: dict[str, str] = {
     "seed": "long",
     "batch_size": "long",
     "negative_prompt": "string",
+    "strength": "double",
+    "sr_strength": "double",
+    "resample": "long",
+    "mask_blur": "double",
+    "outpaint": "string",
 }
+EDIT_OPTIONS = ("mask_blur", "outpaint")  # how the input images are prepared, not sampling settings
+COLUMNS = ("prompt", "negative_prompt", "image", "mask")
 
 
 def option_defaults(sampling: CascadeSampling) -> dict[str, Any]:
@@ -51,31 +90,72 @@ def option_defaults(sampling: CascadeSampling) -> dict[str, Any]:
     return {
         "sampler": sampling.sampler, "steps": base.steps, "guidance": base.guidance, "threshold": base.threshold,
         "percentile": base.percentile, "sr_steps": sr.steps, "sr_guidance": sr.guidance, "seed": sampling.seed,
-        "batch_size": sampling.batch_size, "negative_prompt": "",
-    }
+        "batch_size": sampling.batch_size, "negative_prompt": "", "strength": base.strength, "sr_strength": sr.strength,
+        "resample": base.resample, "mask_blur": 0.0, "outpaint": "",
+    }  # fmt: skip
+
+
+def _missing(value: Any) -> bool:
+    """None, NaN or pd.NA: no value in this row's cell."""
+    import pandas as pd
+
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 def prompts_of(model_input: Any) -> tuple[list[str], list[str] | None]:
     """(prompts, negative prompts or None) from what pyfunc passes: a list/array of strings, a
-    string, or a DataFrame (its ``prompt`` column, else its first column; and an optional
-    ``negative_prompt`` column, one per prompt)."""
+    string, or a DataFrame (its ``prompt`` column, else its first column that is not one of
+    :data:`COLUMNS`; and an optional ``negative_prompt`` column, one per prompt)."""
     import pandas as pd
 
     if isinstance(model_input, str):
         return [model_input], None
     if isinstance(model_input, pd.DataFrame):
-        column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+        others = [c for c in model_input.columns if c not in COLUMNS]
+        column = "prompt" if "prompt" in model_input.columns else (others[0] if others else None)
+        if column is None:
+            raise ConfigError(f"prompt: the DataFrame has no prompt column (columns: {', '.join(map(str, model_input.columns))})")
         negative = None
         if "negative_prompt" in model_input.columns:
-            negative = ["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in model_input["negative_prompt"].tolist()]
+            negative = ["" if _missing(v) else str(v) for v in model_input["negative_prompt"].tolist()]
         return [str(v) for v in model_input[column].tolist()], negative
     return [str(v) for v in list(model_input)], None
+
+
+def edits_of(model_input: Any, n: int) -> tuple[list[Any], list[Any]]:
+    """(images, masks), one per row: a DataFrame's ``image`` and ``mask`` cells, None where a row
+    has none (None, NaN) and for every row of other inputs."""
+    import pandas as pd
+
+    columns = model_input.columns if isinstance(model_input, pd.DataFrame) else ()
+    image, mask = ([None if _missing(v) else v for v in model_input[c].tolist()] if c in columns else [None] * n for c in ("image", "mask"))
+    return image, mask
+
+
+def image_source(value: Any, what: str) -> Any:
+    """A cell as :func:`~imager.inference.edit.prepare` takes it: bytes and arrays as they are, a
+    string as base64 (MLflow's REST encoding of binary data). Never a path (a request must not read
+    the server's files): anything else is a ConfigError naming ``what``."""
+    from PIL import Image
+
+    if isinstance(value, bytes | bytearray | memoryview | np.ndarray | Image.Image):
+        return value
+    if isinstance(value, str):
+        try:
+            return base64.b64decode("".join(value.split()), validate=True)
+        except ValueError:
+            raise ConfigError(f"{what}: a string must be base64-encoded PNG/JPEG bytes (paths are not read)") from None
+    raise ConfigError(f"{what}: expected PNG/JPEG bytes or a uint8 array (H, W, 3), (H, W, 4) or (H, W), got {type(value).__name__}")
+
+
+def _rows(cond: Cond | None, start: int, count: int) -> Cond | None:
+    return None if cond is None else tuple(t[start : start + count] for t in cond)  # type: ignore[return-value]
 
 
 # No type hints on predict: MLflow would replace our signature (and its params schema, the per-call
 # options) with one inferred from them. (Its import-time reminder to add them cannot be silenced.)
 class CascadeModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: prompts in, uint8 images (N, H, W, 3) out."""
+    """pyfunc wrapper: prompts (and images, masks) in, uint8 images (N, H, W, 3) out."""
 
     def load_context(self, context) -> None:
         from imager.inference import Cascade
@@ -95,26 +175,95 @@ class CascadeModel(mlflow.pyfunc.PythonModel):
 
         params = {k: v for k, v in (params or {}).items() if v is not None}
         negative_param = params.pop("negative_prompt", "")
+        edit_params = {k: params.pop(k) for k in EDIT_OPTIONS if k in params}
         sampling = with_overrides(self.sampling, params)
         prompts, negatives = prompts_of(model_input)
+        edits = self.edits(model_input, len(prompts), sampling, **edit_params)
         cond, _ = encode_prompts(self.encoder, prompts)
         negative = encode_negative(self.encoder, negatives if negatives is not None else [negative_param] * len(prompts))
-        _, sr = self.cascade.generate(cond, sampling, negative=negative)
-        return to_hwc(sr).numpy()
+        return to_hwc(self.sample(cond, sampling, negative, edits)).numpy()
+
+    def edits(self, model_input: Any, n: int, sampling: CascadeSampling, *, mask_blur: Any = 0.0, outpaint: Any = "") -> dict[int, EditInput]:
+        """Row index -> the prepared image and mask of each row with an image; every row checked
+        (a ConfigError naming the column and row, or the param) before anything is sampled."""
+        from imager.inference.edit import parse_outpaint, prepare
+
+        try:
+            blur = float(mask_blur)
+        except (TypeError, ValueError):
+            raise ConfigError(f"params: mask_blur: expected a number of pixels, got {mask_blur!r}") from None
+        if not blur >= 0:
+            raise ConfigError(f"params: mask_blur: must be >= 0 pixels, got {mask_blur}")
+        pad = parse_outpaint(outpaint if isinstance(outpaint, str | Mapping) else str(outpaint), "params: outpaint")
+        images, masks = edits_of(model_input, n)
+        for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
+            if mask is not None and image is None:
+                raise ConfigError(f"mask (row {i + 1}): a mask needs an image in the image column (the pixels it keeps)")
+        plain = [i for i, image in enumerate(images) if image is None]
+        if pad is not None and len(plain) == n:
+            raise ConfigError("params: outpaint: no row has an image to extend; give an image column")
+        strengths = {"strength": sampling.base.strength} | ({"sr_strength": sampling.sr.strength} if self.cascade.sr is not None else {})
+        for name, strength in strengths.items():
+            if strength < 1 and plain:
+                row = plain[0] + 1
+                raise ConfigError(f"params: {name}: {strength} redraws part of an input image, but row {row} has none; give it an image or use {name} 1")
+        edits = {}
+        for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
+            if image is None:
+                continue
+            image_what, mask_what = f"image (row {i + 1})", f"mask (row {i + 1})"
+            edit = prepare(
+                image_source(image, image_what), None if mask is None else image_source(mask, mask_what),
+                outpaint_pad=pad, mask_blur=blur, image_what=image_what, mask_what=mask_what,
+            )  # fmt: skip
+            notes = list(edit.notes)
+            if edit.mask is None and all(s == 1 for s in strengths.values()):
+                notes.append(f"{image_what}: not used at strength 1 without a mask: the image is drawn from noise; give a strength < 1")
+            for note in notes:
+                log.warning("%s", note)
+            edits[i] = edit
+        return edits
+
+    def sample(self, cond: Cond, sampling: CascadeSampling, negative: Cond | None, edits: dict[int, EditInput]) -> Tensor:
+        """(N, 3, R, R) in [-1, 1]. Rows without an image come from their batches sampled as in a call
+        without images (a row's noise depends on its batch, so such a batch is sampled whole, its
+        rows with an image too); each row with an image is sampled alone, seeded seed + its index."""
+        import torch
+
+        n, size = cond[0].shape[0], sampling.batch_size
+        out: list[Tensor | None] = [None] * n
+        for start in range(0, n, size):
+            rows = range(start, min(start + size, n))
+            if all(i in edits for i in rows):
+                continue
+            seeded = sampling.model_copy(update={"seed": sampling.seed + start})
+            batch = self._generate(_rows(cond, start, len(rows)), seeded, _rows(negative, start, len(rows)))
+            for i in rows:
+                if i not in edits:
+                    out[i] = batch[i - start]
+        for i, edit in edits.items():
+            one = sampling.model_copy(update={"seed": sampling.seed + i})
+            out[i] = self._generate(_rows(cond, i, 1), one, _rows(negative, i, 1), image=edit.image, mask=edit.mask)[0]
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    def _generate(self, cond: Cond, sampling: CascadeSampling, negative: Cond | None, **image: Tensor | None) -> Tensor:
+        base, sr = self.cascade.generate(cond, sampling, negative=negative, **image)  # type: ignore[arg-type]
+        return sr if sr is not None else base
 
 
 def signature(sampling: CascadeSampling):
-    """Input: strings (prompts; a DataFrame may add negative_prompt); output: uint8 images; params: :data:`OPTIONS`."""
+    """No input schema; output: uint8 images; params: :data:`OPTIONS`.
+
+    The input is a list of prompts or a DataFrame of :data:`COLUMNS` (only ``prompt`` required),
+    and no MLflow column schema takes both: an unnamed string column keeps only a DataFrame's first
+    column (dropping negative_prompt, image and mask), and named columns reject a plain list
+    ("missing inputs ['prompt']"). :meth:`CascadeModel.predict` checks its input itself."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
     defaults = option_defaults(sampling)
     params = ParamSchema([ParamSpec(name, kind, defaults[name]) for name, kind in OPTIONS.items()])
-    return ModelSignature(
-        inputs=Schema([ColSpec("string")]),
-        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-        params=params,
-    )
+    return ModelSignature(inputs=None, outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]), params=params)
 
 
 def _pinned(package: str) -> str:
