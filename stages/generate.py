@@ -3,21 +3,31 @@
 Not a pipeline stage: it reads the pipeline's outputs (the model paths below are the train_base and
 train_sr outs of dvc.yaml) and the text-encoder and sampling settings of params.yaml (`embed`,
 `sampler`, `evaluate`); every sampling option overrides its params value for this call.
+
+From an image (``--init-image``): img2img at ``--strength``, inpainting of ``--mask`` (white =
+repaint) and outpainting (``--outpaint``). The inputs are read and checked by
+:func:`imager.inference.edit.prepare` before any model loads; what it did to them (resized, cropped,
+converted, nothing to repaint) is logged as warnings.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from imager.errors import ConfigError
 from stages._common import ParamsOption, load_params, user_errors
 
+if TYPE_CHECKING:
+    from imager.inference.edit import EditInput
+
 log = logging.getLogger("imager")
 SAMPLING = "Sampling (default: params.yaml `sampler` and `evaluate`)"
+IMAGE = "Image input"
+IMG2IMG_STRENGTH = 0.75  # AUTOMATIC1111's default denoising strength: keeps the layout, redraws the detail
 
 
 @user_errors
@@ -36,6 +46,13 @@ def generate(
     sr_steps: Annotated[int | None, typer.Option(min=1, max=1000, help="SR steps.", rich_help_panel=SAMPLING)] = None,
     sr_guidance: Annotated[float | None, typer.Option(min=0, help="SR guidance scale.", rich_help_panel=SAMPLING)] = None,
     seed: Annotated[int | None, typer.Option(min=0, help="Seed; the same seed gives the same image on the same device.", rich_help_panel=SAMPLING)] = None,
+    init_image: Annotated[Path | None, typer.Option("--init-image", help="Image to start from (img2img), or to inpaint with --mask or outpaint with --outpaint. Not square: centre-cropped, unless outpainted.", rich_help_panel=IMAGE)] = None,
+    mask: Annotated[Path | None, typer.Option(help="Inpainting mask of --init-image: white = repaint, black = keep. Same shape as the image; another size is resized.", rich_help_panel=IMAGE)] = None,
+    strength: Annotated[float | None, typer.Option(help=f"How much of --init-image is redrawn, in (0, 1]; 1: from noise. Default: {IMG2IMG_STRENGTH} (AUTOMATIC1111's) for img2img, 1 with --mask or --outpaint.", rich_help_panel=IMAGE)] = None,
+    sr_strength: Annotated[float | None, typer.Option(help="SR stage: refine --init-image (at the SR resolution) from this strength, in (0, 1], instead of upsampling from noise.", rich_help_panel=IMAGE)] = None,
+    resample: Annotated[int | None, typer.Option(help="RePaint resampling of the base stage with a mask: each step taken N times (1: none); blends the repainted part, N times the time.", rich_help_panel=IMAGE)] = None,
+    mask_blur: Annotated[float | None, typer.Option(help="Feather the mask's edge by this many pixels of the input image (into the repainted side; kept pixels stay kept).", rich_help_panel=IMAGE)] = None,
+    outpaint: Annotated[str | None, typer.Option(help="Extend --init-image and paint the new border: 'left=16,top=8' (pixels of the input image) or '16' for every side.", rich_help_panel=IMAGE)] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda[:i].")] = "auto",
     base: Annotated[Path, typer.Option(help="Base model file.")] = Path("data/models/base/model.safetensors"),
     sr: Annotated[Path, typer.Option(help="Super-resolution model file.")] = Path("data/models/sr/model.safetensors"),
@@ -53,8 +70,11 @@ def generate(
     from imager.text import load_text_encoder
 
     p = load_params(params)
+    if strength is None and init_image is not None:
+        strength = 1.0 if mask is not None or outpaint is not None else IMG2IMG_STRENGTH
     given = {"sampler": sampler, "steps": steps, "guidance": guidance, "spacing": spacing, "eta": eta, "threshold": threshold,
-             "percentile": percentile, "sr_steps": sr_steps, "sr_guidance": sr_guidance, "seed": seed}
+             "percentile": percentile, "sr_steps": sr_steps, "sr_guidance": sr_guidance, "seed": seed,
+             "strength": strength, "sr_strength": sr_strength, "resample": resample}  # fmt: skip
     sampling = with_overrides(p.evaluate.sampling(p.sampler), given, cli=True)
     for stage in ("base", "sr"):  # bad input fails before any model loads
         check_sampling(sampling.stage(stage))
@@ -66,6 +86,13 @@ def generate(
         raise ConfigError(f"--out: directory {out.parent} does not exist")
     if negative is not None and negative.strip() and sampling.base.guidance == 1 and (no_sr or sampling.sr.guidance == 1):
         log.warning("--negative has no effect at guidance 1: the unconditional branch is not evaluated")
+    edit = read_edit(init_image, mask, outpaint, mask_blur, strength=strength, sr_strength=sr_strength)
+    if resample is not None and resample > 1 and (edit is None or edit.mask is None):
+        log.warning("--resample has no effect without a mask to repaint (--mask or --outpaint)")
+    if sr_strength is not None and no_sr:
+        log.warning("--sr-strength has no effect with --no-sr")
+    if edit is not None and mask is None and outpaint is None and sampling.base.strength == 1 and (no_sr or sampling.sr.strength == 1):
+        log.warning("--init-image is not used at --strength 1 without a mask: the image is drawn from noise")
     target = resolve_device(device, "--device")
     cascade = Cascade.load(base, None if no_sr else sr, device=target)
     from transformers.utils import logging as hf_logging
@@ -77,8 +104,9 @@ def generate(
     if truncated:
         log.warning("the prompt is longer than %d tokens and was cut", encoder.max_length)
     neg = encode_negative(encoder, [negative or ""])
+    image_in = {} if edit is None else {"image": edit.image, "mask": edit.mask}  # batch 1: the same for every image
     with tqdm(total=num, desc=f"generate ({target.type})", unit="img") as bar:
-        low, high = cascade.generate(cond, sampling, negative=neg, use_sr=not no_sr, on_batch=bar.update)
+        low, high = cascade.generate(cond, sampling, negative=neg, use_sr=not no_sr, on_batch=bar.update, **image_in)
     images = to_hwc(high if high is not None else low).numpy()
     paths = [out] if num == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(num)]
     for image, path in zip(images, paths, strict=True):
@@ -86,3 +114,35 @@ def generate(
         Image.fromarray(image).save(tmp, format="PNG")
         tmp.replace(path)
     typer.echo("\n".join(str(p) for p in paths))
+
+
+def read_edit(
+    init_image: Path | None, mask: Path | None, outpaint: str | None, mask_blur: float | None, *, strength: float | None, sr_strength: float | None
+) -> EditInput | None:
+    """The prepared input image and mask, or None without --init-image; a ConfigError naming the
+    option for bad input or an image option given without the image."""
+    from imager.inference.edit import parse_outpaint, prepare
+
+    if init_image is None:
+        needs_image = {
+            "--mask": mask is not None,
+            "--outpaint": outpaint is not None,
+            "--strength": strength is not None and strength < 1,
+            "--sr-strength": sr_strength is not None,
+            "--mask-blur": mask_blur is not None,
+        }
+        for name, given in needs_image.items():
+            if given:
+                raise ConfigError(f"{name}: needs --init-image (the image to edit); give one, or leave out {name}")
+        return None
+    if mask_blur is not None and mask_blur < 0:
+        raise ConfigError(f"--mask-blur: must be >= 0 pixels, got {mask_blur}")
+    if mask_blur and mask is None and outpaint is None:
+        log.warning("--mask-blur has no effect without a mask (--mask or --outpaint)")
+    if outpaint is not None and not outpaint.strip():  # the library reads blank as "none"; here it is a mistake
+        raise ConfigError("--outpaint: is empty; give SIDE=PIXELS, e.g. left=16,top=8, or 16 for every side")
+    pad = parse_outpaint(outpaint, "--outpaint")
+    edit = prepare(init_image, mask, outpaint_pad=pad, mask_blur=mask_blur or 0.0, image_what="--init-image", mask_what="--mask")
+    for note in edit.notes:
+        log.warning("%s", note)
+    return edit

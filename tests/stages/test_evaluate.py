@@ -270,6 +270,110 @@ def test_generate_checks_the_encoder_matches_the_models(cascade, tmp_path):
     assert "max_length 6" in error_line(*args)
 
 
+# From an image: the PNGs are compared with the input as the library brings it to the output size
+# (prepare, then resize of the [-1, 1] tensor and to_uint8), so known pixels must match exactly.
+
+
+def save_random(path: Path, size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> Path:
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+    return path
+
+
+def save_mask(path: Path, white: np.ndarray) -> Path:
+    Image.fromarray(np.where(white, 255, 0).astype(np.uint8), "L").save(path)
+    return path
+
+
+def spy_generate(monkeypatch) -> list:
+    calls = []
+    real = Cascade.generate
+
+    def spy(self, cond, cfg, **kwargs):
+        calls.append((cond, cfg, kwargs))
+        return real(self, cond, cfg, **kwargs)
+
+    monkeypatch.setattr(Cascade, "generate", spy)
+    return calls
+
+
+def test_generate_img2img_uses_the_image_deterministically(cascade, one_thread, tmp_path, monkeypatch, caplog):
+    # The base stage's image is compared (--no-sr): this 4-step SR model barely reads its low-res
+    # input, so what img2img changes in the base hardly reaches the 16 px PNG; --sr-strength does.
+    image = save_random(tmp_path / "in.png", (24, 24))
+    for name, extra in (("text", []), ("a", ["--init-image", image]), ("b", ["--init-image", image])):
+        invoke(*gen_args(cascade, tmp_path / f"{name}.png", "--seed", "3", "--no-sr", *extra))
+        invoke(*gen_args(cascade, tmp_path / f"{name}-sr.png", "--seed", "3", *(extra and [*extra, "--sr-strength", "0.5"])))
+    for size, suffix in ((8, ""), (16, "-sr")):
+        text, a, b = (pixels(tmp_path / f"{n}{suffix}.png") for n in ("text", "a", "b"))
+        assert a.shape == (size, size, 3) and np.array_equal(a, b) and not np.array_equal(a, text)
+
+    calls = spy_generate(monkeypatch)
+    invoke(*gen_args(cascade, tmp_path / "many.png", "--num", "2", "--init-image", image))
+    invoke(*gen_args(cascade, tmp_path / "sr.png", "--init-image", image, "--strength", "0.5", "--sr-strength", "0.6"))
+    white = save_mask(tmp_path / "white.png", np.ones((24, 24), bool))
+    invoke(*gen_args(cascade, tmp_path / "white.png", "--init-image", image, "--mask", white))
+    (_, many, many_kw), (_, sr, sr_kw), (_, all_white, white_kw) = calls
+    # One image for the whole batch; the seeds (and so the images) differ.
+    assert many_kw["image"].shape == (1, 3, 24, 24) and many_kw["mask"] is None
+    assert not np.array_equal(pixels(tmp_path / "many-0.png"), pixels(tmp_path / "many-1.png"))
+    assert (many.base.strength, many.sr.strength) == (0.75, 1.0)  # img2img's default
+    assert (sr.base.strength, sr.sr.strength) == (0.5, 0.6)
+    assert all_white.base.strength == 1.0 and white_kw["mask"] is None  # all white: redrawn from text
+    assert "--mask: is all white, so the whole image is repainted" in caplog.text
+    assert "is not used" not in caplog.text  # img2img at its default strength uses the image
+
+
+@pytest.mark.parametrize("extra", [[], ["--mask-blur", "2", "--resample", "2"]])
+def test_generate_inpainting_keeps_the_known_pixels(cascade, one_thread, tmp_path, extra):
+    from imager.inference.edit import prepare
+    from imager.inference.images import resize, resize_mask
+
+    image = save_random(tmp_path / "in.png", (32, 32), seed=1)
+    white = np.zeros((32, 32), bool)
+    white[8:24, 12:30] = True
+    mask = save_mask(tmp_path / "mask.png", white)
+    invoke(*gen_args(cascade, tmp_path / "out.png", "--init-image", image, "--mask", mask, *extra))
+    out = pixels(tmp_path / "out.png")
+
+    blur = float(extra[1]) if extra else 0.0
+    edit = prepare(image, mask, mask_blur=blur)
+    expected = to_hwc(resize(edit.image, 16))[0].numpy()
+    keep = (resize_mask(edit.mask, 16) == 0)[0, 0].numpy()
+    assert out.shape == (16, 16, 3) and keep.any() and not keep.all()
+    assert np.array_equal(out[keep], expected[keep])
+    assert not np.array_equal(out[~keep], expected[~keep])  # the white part was repainted
+
+
+def test_generate_outpainting_paints_the_border(cascade, one_thread, tmp_path, caplog):
+    tall = save_random(tmp_path / "tall.png", (12, 16), seed=2)
+    invoke(*gen_args(cascade, tmp_path / "left.png", "--init-image", tall, "--outpaint", "left=4"))
+    out = pixels(tmp_path / "left.png")
+    assert out.shape == (16, 16, 3)  # the 16x16 canvas is the output size: no resize
+    assert np.array_equal(out[:, 4:], pixels(tall))  # the image itself is kept, on the right
+    assert not np.array_equal(out[:, :4], np.repeat(pixels(tall)[:, :1], 4, axis=1))  # the border is painted, not the edge repeated
+
+    small = save_random(tmp_path / "small.png", (12, 12), seed=3)
+    invoke(*gen_args(cascade, tmp_path / "all.png", "--init-image", small, "--outpaint", "4"))
+    assert pixels(tmp_path / "all.png").shape == (16, 16, 3)  # a 20x20 canvas, at the cascade's resolution
+    invoke(*gen_args(cascade, tmp_path / "wide.png", "--init-image", small, "--outpaint", "right=4"))
+    assert "the 16x12 canvas is not square; extended to 16x16" in caplog.text
+
+
+def test_generate_mask_without_white_writes_the_input_and_warns(cascade, one_thread, tmp_path, caplog):
+    from imager.inference.edit import prepare
+    from imager.inference.images import resize
+
+    gray = save_random(tmp_path / "gray.png", (32, 32), mode="L", seed=4)
+    black = save_mask(tmp_path / "black.png", np.zeros((16, 16), bool))
+    invoke(*gen_args(cascade, tmp_path / "out.png", "--init-image", gray, "--mask", black, "--num", "2"))
+    expected = to_hwc(resize(prepare(gray).image, 16))[0].numpy()
+    for name in ("out-0.png", "out-1.png"):
+        assert np.array_equal(pixels(tmp_path / name), expected)
+    for note in ("--init-image: grayscale, converted to RGB", "--mask: 16x16 resized to the image's 32x32", "--mask: has no white, so nothing is repainted: the result is the input"):
+        assert note in caplog.text
+
+
 def test_cascade_rejects_mismatched_resolutions(cascade):
     base = Cascade.load(cascade["base"] / "model.safetensors").base
     sr = Cascade.load(cascade["base"] / "model.safetensors", cascade["sr"] / "model.safetensors").sr
