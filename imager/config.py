@@ -2,7 +2,7 @@
 
 Each section is defined by the package that owns it: ``download`` and ``shard`` in
 :mod:`imager.data.config`, ``embed`` in :mod:`imager.text.config`, ``train_base`` and ``train_sr`` in
-:mod:`imager.training.config`, ``evaluator`` and ``evaluate`` in :mod:`imager.evaluation.config`;
+:mod:`imager.training.config`, ``evaluator``, ``evaluate`` and ``edits`` in :mod:`imager.evaluation.config`;
 the shared ``tracking`` section is here.
 
 ``load(path)`` reads params.yaml and returns a validated, frozen :class:`Params`. Any bad value or
@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from imager.data.config import Download, Shard
 from imager.errors import ConfigError
-from imager.evaluation.config import Evaluate, Evaluator
+from imager.evaluation.config import Edits, Evaluate, Evaluator
 from imager.schema import SamplerName, Section
 from imager.text.config import Embed
 from imager.training.config import TrainBase, TrainSR
@@ -56,6 +56,7 @@ class Params(Section):
     train_sr: TrainSR = TrainSR()
     evaluator: Evaluator = Evaluator()
     evaluate: Evaluate = Evaluate()
+    edits: Edits = Edits()
 
 
 # ------------------------------------------------------------------------------------- messages

@@ -90,8 +90,8 @@ def option_defaults(sampling: CascadeSampling) -> dict[str, Any]:
     return {
         "sampler": sampling.sampler, "steps": base.steps, "guidance": base.guidance, "threshold": base.threshold,
         "percentile": base.percentile, "sr_steps": sr.steps, "sr_guidance": sr.guidance, "seed": sampling.seed,
-        "batch_size": sampling.batch_size, "negative_prompt": "", "strength": base.strength, "sr_strength": sr.strength,
-        "resample": base.resample, "mask_blur": 0.0, "outpaint": "",
+        "batch_size": sampling.batch_size, "negative_prompt": "", "strength": sampling.strength, "sr_strength": sampling.sr_strength,
+        "resample": sampling.resample, "mask_blur": 0.0, "outpaint": "",
     }  # fmt: skip
 
 
@@ -202,7 +202,7 @@ class CascadeModel(mlflow.pyfunc.PythonModel):
         plain = [i for i, image in enumerate(images) if image is None]
         if pad is not None and len(plain) == n:
             raise ConfigError("params: outpaint: no row has an image to extend; give an image column")
-        strengths = {"strength": sampling.base.strength} | ({"sr_strength": sampling.sr.strength} if self.cascade.sr is not None else {})
+        strengths = {"strength": sampling.strength} | ({"sr_strength": sampling.sr_strength} if self.cascade.sr is not None else {})
         for name, strength in strengths.items():
             if strength < 1 and plain:
                 row = plain[0] + 1

@@ -6,7 +6,7 @@ import typer
 
 from stages.download import download
 from stages.embed import embed
-from stages.evaluate import evaluate, train_evaluator
+from stages.evaluate import evaluate, evaluate_edits, train_evaluator
 from stages.generate import generate
 from stages.params import check_params
 from stages.shard import shard
@@ -17,7 +17,7 @@ app = typer.Typer(
     help=(
         "Imager: text-to-image diffusion as a DVC pipeline.\n\n"
         "Each command but `generate` is one stage of dvc.yaml: check-params, then download -> shard -> "
-        "embed -> train-base, train-sr, train-evaluator -> evaluate. Run them all with `dvc repro`; params "
+        "embed -> train-base, train-sr, train-evaluator -> evaluate, evaluate-edits. Run them all with `dvc repro`; params "
         "live in params.yaml. `imager generate \"red apple\" --out apple.png` draws with the result."
     ),
     no_args_is_help=True,
@@ -33,6 +33,7 @@ app.command("train-base")(train_base)
 app.command("train-sr")(train_sr)
 app.command("train-evaluator")(train_evaluator)
 app.command()(evaluate)
+app.command("evaluate-edits")(evaluate_edits)
 app.command()(generate)
 
 

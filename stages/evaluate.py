@@ -1,6 +1,7 @@
-"""`imager train-evaluator` and `imager evaluate`: the in-domain evaluator, then the cascade's
-samples and metrics (FID, CLIP score, R-precision beside their real-image ceilings), the
-sampler-vs-steps sweep, and the cascade as one MLflow model."""
+"""`imager train-evaluator`, `imager evaluate` and `imager evaluate-edits`: the in-domain evaluator,
+then the cascade's samples and metrics (FID, CLIP score, R-precision beside their real-image
+ceilings), the sampler-vs-steps sweep, the cascade as one MLflow model, and the image edits
+(inpainting, img2img, sketch) on held-out images."""
 
 from __future__ import annotations
 
@@ -84,6 +85,50 @@ def evaluate(
         run.log_image(result["sweep_plot"], "sampler_sweep.png")
         run.log_cascade(base / MODEL_FILE, sr / MODEL_FILE, embed=p.embed.model_dump(mode="json"), sampling=sampling)
         finish(run, {"sampler": p.sampler, **result["metrics"]}, metrics, started, timings=result["timings"])
+
+
+@user_errors
+def evaluate_edits(
+    shards: ShardsOpt,
+    embeddings: EmbOpt,
+    base: Annotated[Path, typer.Option(help="Base model directory (from `imager train-base`).")],
+    sr: Annotated[Path, typer.Option(help="Super-resolution model directory (from `imager train-sr`).")],
+    evaluator: Annotated[Path, typer.Option(help="Evaluator directory (from `imager train-evaluator`).")],
+    metrics: Annotated[Path, typer.Option(help="Metrics JSON (DVC metrics): inpainting, img2img and sketch scores.")],
+    curve: Annotated[Path, typer.Option(help="img2img strength-sweep rows JSON (DVC plot).")],
+    plot: Annotated[Path, typer.Option(help="img2img strength trade-off PNG.")],
+    grid: Annotated[Path, typer.Option(help="Picture grid PNG: input | mask | result for each edit.")],
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Evaluate image-conditioned generation on held-out images (params `edits`, sampled with
+    `evaluate.base`/`sr` and the top-level `sampler`): inpainting and outpainting with and without
+    resampling, an img2img strength sweep, and sketch to image."""
+    from imager.evaluation.edits import evaluate_edits as run_edits
+    from imager.evaluation.evaluator import load_evaluator
+    from imager.inference import Cascade, check_sampling, resolve_device
+    from imager.io import atomic_write_json
+    from imager.text.cache import EmbeddingCache
+
+    p = load_params(params)
+    cfg, ev = p.edits, p.evaluate
+    sections = {"sampler": p.sampler, "edits": cfg.model_dump(), "evaluate": {k: ev.model_dump()[k] for k in ("base", "sr", "device", "batch_size", "r_precision_k")}}
+    with tracked("evaluate-edits", p, sections, {"shards": shards, "embeddings": embeddings}, context="evaluation") as run:
+        started = time.perf_counter()
+        sampling = ev.sampling(p.sampler)
+        for stage in ("base", "sr"):
+            check_sampling(sampling.stage(stage))
+        device = resolve_device(ev.device, "params.yaml: evaluate.device")
+        cascade = Cascade.load(base / MODEL_FILE, sr / MODEL_FILE, device=device)
+        scorer = load_evaluator(evaluator / EVALUATOR_FILE)
+        result = run_edits(cascade, scorer, shards_dir=shards, cache=EmbeddingCache(embeddings), evaluate=ev, cfg=cfg, sampler=p.sampler)
+        for path in (curve, plot, grid):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(curve, result["curve"])
+        _save_png(result["grid"], grid)
+        _save_png(result["plot"], plot)
+        run.log_image(result["grid"], "edits_grid.png")
+        run.log_image(result["plot"], "img2img_strength.png")
+        finish(run, result["metrics"], metrics, started, timings=result["timings"])
 
 
 def _save_png(image, path: Path) -> None:

@@ -91,7 +91,7 @@ def generate(
         log.warning("--resample has no effect without a mask to repaint (--mask or --outpaint)")
     if sr_strength is not None and no_sr:
         log.warning("--sr-strength has no effect with --no-sr")
-    if edit is not None and mask is None and outpaint is None and sampling.base.strength == 1 and (no_sr or sampling.sr.strength == 1):
+    if edit is not None and mask is None and outpaint is None and sampling.strength == 1 and (no_sr or sampling.sr_strength == 1):
         log.warning("--init-image is not used at --strength 1 without a mask: the image is drawn from noise")
     target = resolve_device(device, "--device")
     cascade = Cascade.load(base, None if no_sr else sr, device=target)

@@ -62,6 +62,64 @@ class Backbones(Section):
     clip: str | None = None  # a local Hugging Face CLIP model folder (CLIPModel + CLIPProcessor)
 
 
+InpaintMask = Literal["centre", "half", "strokes", "border"]
+
+
+class Inpaint(Section):
+    """Inpainting of held-out images with their own captions, one row per mask kind: ``centre``
+    (the middle quarter of the area), ``half`` (the right half), ``strokes`` (random thick strokes)
+    and ``border`` (a ring of ``border`` px: outpainting); each again with RePaint's resampling."""
+
+    masks: tuple[InpaintMask, ...] = ("centre", "half", "strokes", "border")
+    border: int = Field(8, ge=1)  # px of the ring at the shard resolution
+    resample: int = Field(3, ge=2, le=50)  # the resampling rows' count (1 is the plain rows)
+
+
+class Img2Img(Section):
+    """The strength sweep: held-out images redrawn with another image's caption at each strength
+    (base model only), per sampler: faithfulness to the input against adherence to the caption."""
+
+    strengths: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    samplers: tuple[SamplerName, ...] = ("ddim", "dpmpp_2m_sde")
+    images: int = Field(32, ge=2)
+
+    @field_validator("strengths")
+    @classmethod
+    def _strengths(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(not 0 < s <= 1 for s in v):
+            raise ValueError(f"each strength must be in (0, 1], got {list(v)}")
+        return v
+
+
+class Sketch(Section):
+    """Sketch to image (SDEdit on line drawings made from held-out images): the training-free
+    baseline that trained conditioning is measured against. A pixel is a line when its luminance
+    (in [0, 1]) is below ``threshold``; fidelity is the F-score of line pixels within ``tolerance``
+    px between the sketch and the result's own dark pixels."""
+
+    strength: float = Field(0.8, gt=0, le=1)
+    threshold: float = Field(0.25, gt=0, lt=1)
+    tolerance: int = Field(1, ge=0, le=8)
+
+
+class Edits(Section):
+    """The edit evaluation (stage evaluate_edits): inpainting, img2img and sketch on held-out images,
+    sampled with the evaluation's settings (``evaluate.base``/``sr``, the top-level ``sampler``)."""
+
+    images: int = Field(32, ge=2)  # held-out images of the inpainting and sketch rows (seeded choice)
+    seed: int = Field(0, ge=0)
+    inpaint: Inpaint = Inpaint()
+    img2img: Img2Img = Img2Img()
+    sketch: Sketch = Sketch()
+    grid_images: int = Field(2, ge=1, le=8)  # examples per edit in the picture grid
+
+    @model_validator(mode="after")
+    def _grid(self) -> Edits:
+        if self.grid_images > self.images:
+            raise ValueError(f"grid_images: must not exceed images ({self.images}), got {self.grid_images}")
+        return self
+
+
 class Evaluate(Section):
     """The evaluation's sampling (each stage takes the top-level ``sampler`` unless it names its
     own), its sets and its scores. The cascade samples on ``device``; scoring runs on the CPU."""

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from imager.errors import CheckpointError, ConfigError
-from imager.inference.config import CascadeSampling, SRSampling, StageSampling
+from imager.inference.config import CascadeSampling, SRSampling
 from imager.inference.images import noise_augment, resize, resize_mask
 from imager.inference.sampling import Cond, Stage, overlay_known
 
@@ -98,10 +98,10 @@ class Cascade:
 
         From an image (:mod:`imager.inference.edit` reads and prepares them): ``image`` (B or 1, 3,
         S, S) in [-1, 1] and ``mask`` (B or 1, 1, S, S) in [0, 1], 1 = repaint. Each stage gets them
-        resized to its resolution (:func:`resize`, :func:`resize_mask`) and uses them as its
-        settings say: img2img from the image when its ``strength`` < 1 (the SR stage then refines
-        the given image rather than upsampling from noise), inpainting of the mask (``resample``:
-        RePaint's resampling). The SR stage's input is the base result with the known pixels
+        resized to its resolution (:func:`resize`, :func:`resize_mask`) and uses them as ``cfg``
+        says: img2img from the image when the stage's strength (``strength``, ``sr_strength``) is
+        < 1 (the SR stage then refines the given image rather than upsampling from noise),
+        inpainting of the mask (``resample``, ``sr_resample``: RePaint's resampling). The SR stage's input is the base result with the known pixels
         overlaid; ``overlay`` False returns both results without the overlay (to measure it).
         """
         tokens, text_mask, pooled = cond
@@ -119,28 +119,32 @@ class Cascade:
             if on_batch is not None:
                 on_batch(n)
             return resize(image, self.base.resolution), resize(image, self.sr.resolution) if sr_used else None  # type: ignore[union-attr]
-        base_in = self._inputs(self.base, base_cfg, image, mask)
-        sr_in = self._inputs(self.sr, sr_cfg, image, mask) if sr_used else (None, None)  # type: ignore[arg-type]
+        base_in = self._inputs(self.base, cfg.strength, image, mask)
+        sr_in = self._inputs(self.sr, cfg.sr_strength, image, mask) if sr_used else (None, None)  # type: ignore[arg-type]
         bases, srs = [], []
         for start in range(0, n, cfg.batch_size):
             c = tuple(t[start : start + cfg.batch_size] for t in (tokens, text_mask, pooled))
             neg = None if negative is None else _rows(negative, start, cfg.batch_size)
             init, known = (None if t is None else _batch_rows(t, start, cfg.batch_size) for t in base_in)
-            raw = self.base.sample(c, base_cfg, seed=cfg.seed + start, negative=neg, init=init, mask=known, overlay=False)
+            raw = self.base.sample(
+                c, base_cfg, seed=cfg.seed + start, negative=neg, init=init, mask=known, strength=cfg.strength, resample=cfg.resample, overlay=False
+            )
             base = raw if known is None else overlay_known(raw, init, known)
             bases.append((base if overlay else raw).cpu())
             if sr_used:
                 init, known = (None if t is None else _batch_rows(t, start, cfg.batch_size) for t in sr_in)
-                high = self.super_resolve(base, c, sr_cfg, seed=cfg.seed + start, negative=neg, init=init, mask=known, overlay=overlay)
+                high = self.super_resolve(
+                    base, c, sr_cfg, seed=cfg.seed + start, negative=neg, init=init, mask=known, strength=cfg.sr_strength, resample=cfg.sr_resample, overlay=overlay
+                )
                 srs.append(high.cpu())
             if on_batch is not None:
                 on_batch(c[0].shape[0])
         return torch.cat(bases), (torch.cat(srs) if srs else None)
 
     @staticmethod
-    def _inputs(stage: Stage, cfg: StageSampling, image: Tensor | None, mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    def _inputs(stage: Stage, strength: float, image: Tensor | None, mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         """(init, mask) at the stage's resolution, or None for what the stage does not use."""
-        if image is None or (cfg.strength == 1 and mask is None):
+        if image is None or (strength == 1 and mask is None):
             return None, None
         size = stage.resolution
         return resize(image.float(), size), None if mask is None else resize_mask(mask.float(), size)
@@ -156,6 +160,8 @@ class Cascade:
         negative: Cond | None = None,
         init: Tensor | None = None,
         mask: Tensor | None = None,
+        strength: float = 1.0,
+        resample: int = 1,
         overlay: bool = True,
     ) -> Tensor:
         """(B, 3, R, R) in [-1, 1] on the model's device from ``lowres`` (B, 3, r, r) in [-1, 1]: the
@@ -167,7 +173,9 @@ class Cascade:
         gen = torch.Generator().manual_seed(seed + SR_NOISE_OFFSET)
         aug = torch.full((lowres.shape[0],), float(level))
         low = noise_augment(lowres.float().cpu(), aug, self.sr.schedule, gen)
-        return self.sr.sample(cond, cfg, seed=seed, negative=negative, lowres=low, aug_level=aug, init=init, mask=mask, overlay=overlay)
+        return self.sr.sample(
+            cond, cfg, seed=seed, negative=negative, lowres=low, aug_level=aug, init=init, mask=mask, strength=strength, resample=resample, overlay=overlay
+        )
 
 
 def _rows(cond: Cond, start: int, size: int) -> Cond:

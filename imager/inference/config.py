@@ -30,9 +30,6 @@ class StageSampling(Section):
     percentile  dynamic thresholding's quantile of |x̂0|
     eta         the stochastic samplers' noise scale (ddim, euler_ancestral, dpmpp_2m_sde); None: theirs
     options     other options the sampler takes (s_churn, s_noise, ...); an unknown one is an error
-    strength    with an input image: how much of it is redone (img2img, SDEdit): the run takes the
-                last int(steps · strength) steps from the image noised to that level; 1: from noise
-    resample    with a mask: RePaint's resampling, each step taken this many times (1: none)
     """
 
     sampler: SamplerName | None = None
@@ -43,8 +40,6 @@ class StageSampling(Section):
     percentile: float = Field(0.995, gt=0, le=1)
     eta: float | None = Field(None, ge=0)
     options: dict[str, float] = Field(default_factory=dict)
-    strength: float = Field(1.0, gt=0, le=1)
-    resample: int = Field(1, ge=1, le=50)
 
     @field_validator("options")
     @classmethod
@@ -68,13 +63,25 @@ class CascadeSampling(Section):
     their own, the seed, and how many images are sampled at once.
 
     Batches of ``batch_size`` draw their noise from generators seeded ``seed + index of the batch's
-    first image``, so a seed and batch size give the same images on every run of one device."""
+    first image``, so a seed and batch size give the same images on every run of one device.
+
+    With an input image (the settings of a call, not of text to image, so no params section has them):
+    strength     how much of the image the base stage redraws (img2img, SDEdit): the last
+                 int(steps · strength) of its steps, from the image noised to that level; 1: from noise
+    sr_strength  the same for the SR stage (< 1: it refines the given image instead of drawing anew)
+    resample     with a mask: RePaint's resampling in the base stage, each step taken this many times
+    sr_resample  the same in the SR stage
+    """
 
     sampler: SamplerName = "dpmpp_2m_sde"
     base: StageSampling = StageSampling()
     sr: SRSampling = SRSampling()
     seed: int = Field(0, ge=0)
     batch_size: int = Field(64, gt=0)
+    strength: float = Field(1.0, gt=0, le=1)
+    sr_strength: float = Field(1.0, gt=0, le=1)
+    resample: int = Field(1, ge=1, le=50)
+    sr_resample: int = Field(1, ge=1, le=50)
 
     def stage(self, name: Literal["base", "sr"]) -> StageSampling:
         """The stage's settings with its sampler resolved (its own, else the cascade's)."""
@@ -98,10 +105,10 @@ OVERRIDES: dict[str, tuple[tuple[str, ...], ...]] = {
     "sr_steps": (("sr", "steps"),),
     "sr_guidance": (("sr", "guidance"),),
     "sr_aug_level": (("sr", "aug_level"),),
-    "strength": (("base", "strength"),),
-    "sr_strength": (("sr", "strength"),),
-    "resample": (("base", "resample"),),
-    "sr_resample": (("sr", "resample"),),
+    "strength": (("strength",),),
+    "sr_strength": (("sr_strength",),),
+    "resample": (("resample",),),
+    "sr_resample": (("sr_resample",),),
 }
 
 

@@ -5,7 +5,8 @@
   (H, W, 4) RGBA; uint8, or floats in [0, 1]). Gray becomes RGB and transparency is composited on
   white, as the data stages do. A non-square image is centre-cropped to a square (the models are
   square), unless it is outpainted.
-- A mask is the same kinds of input, read as gray: white (> 127) = repaint, black = keep. One of
+- A mask is the same kinds of input, read as gray: white (> 127) = repaint, black (or transparent)
+  = keep. One of
   another size with the image's aspect ratio is resized (nearest) to it; another aspect is an error.
   ``mask_blur`` feathers its edge into the repainted side, so kept pixels stay exactly kept.
 - Outpainting pads the canvas (``left=16,top=8`` or ``16`` for every side, in the image's pixels)
@@ -120,7 +121,9 @@ def read_mask(source: Any, size: tuple[int, int], what: str = "mask", notes: lis
     0 = keep. Another size of the same aspect ratio is resized (nearest), said in ``notes``."""
     im = open_image(source, what)
     if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-        im = to_rgb(im)  # transparent = white background, as for images
+        # White strokes drawn on a transparent layer: what is transparent is kept (black).
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
     gray = im.convert("L")
     if gray.size != size:
         (w, h), (iw, ih) = gray.size, size
@@ -148,9 +151,13 @@ def parse_outpaint(spec: str | Mapping[str, int] | None, what: str = "outpaint")
                 raise ConfigError(f"{what}: '{part.strip()}' is not SIDE=PIXELS; e.g. left=16,top=8, or 16 for every side")
             items.append((side.strip(), value.strip()))
     pad = dict.fromkeys(SIDES, 0)
+    seen: set[str] = set()
     for side, value in items:
         if side not in pad:
             raise ConfigError(f"{what}: unknown side '{side}'; use {', '.join(SIDES)}")
+        if side in seen:
+            raise ConfigError(f"{what}: {side} is given twice")
+        seen.add(side)
         try:
             pixels = int(value)
         except (TypeError, ValueError):

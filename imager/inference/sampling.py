@@ -139,6 +139,8 @@ class Stage:
         on_denoise: Callable[[Tensor], None] | None = None,
         init: Tensor | None = None,
         mask: Tensor | None = None,
+        strength: float = 1.0,
+        resample: int = 1,
         overlay: bool = True,
     ) -> Tensor:
         """(B, 3, R, R) samples in [-1, 1] on the model's device for the text condition ``cond``.
@@ -150,8 +152,8 @@ class Stage:
         after every denoiser call (live previews). Noise: a CPU generator seeded ``seed``.
 
         From an image: ``init`` (B or 1, 3, R, R) in [-1, 1] is the start of img2img when
-        ``cfg.strength`` < 1, and the known image of inpainting when ``mask`` (B or 1, 1, R, R) in
-        [0, 1], 1 = repaint, is given (``cfg.resample``: RePaint's resampling); the known pixels
+        ``strength`` < 1, and the known image of inpainting when ``mask`` (B or 1, 1, R, R) in
+        [0, 1], 1 = repaint, is given (``resample``: RePaint's resampling); the known pixels
         are then overlaid on the result (``overlay``), so they come back exactly where mask = 0.
         """
         if cfg.sampler is None:
@@ -186,8 +188,8 @@ class Stage:
             if init is None:
                 raise SamplerError("a mask needs an init image (the known pixels)")
             mask = _image_input(mask, (batch, 1, *shape[2:]), "mask").float().to(device)
-        if init is None and cfg.strength < 1:
-            raise SamplerError(f"strength {cfg.strength} needs an input image; without one use strength 1")
+        if init is None and strength < 1:
+            raise SamplerError(f"strength {strength} needs an input image; without one use strength 1")
         gen = torch.Generator().manual_seed(seed)
         x = sample(
             denoise,
@@ -199,10 +201,10 @@ class Stage:
             generator=gen,
             eta=cfg.eta,
             device=device,
-            init=init if (cfg.strength < 1 or mask is not None) else None,
-            strength=cfg.strength,
+            init=init if (strength < 1 or mask is not None) else None,
+            strength=strength,
             mask=mask,
-            resample=cfg.resample if mask is not None else 1,
+            resample=resample if mask is not None else 1,
             **cfg.options,
         )
         x = x.clamp(-1, 1)
@@ -221,5 +223,6 @@ def overlay_known(x: Tensor, known: Tensor, mask: Tensor) -> Tensor:
 def _image_input(t: Tensor, shape: tuple[int, ...], what: str) -> Tensor:
     """``t`` of batch 1 expanded to ``shape``'s batch; a SamplerError for any other shape."""
     if t.ndim != 4 or tuple(t.shape[1:]) != tuple(shape[1:]) or t.shape[0] not in (1, shape[0]):
-        raise SamplerError(f"{what}: expected shape ({shape[0]} or 1, {', '.join(map(str, shape[1:]))}), got {tuple(t.shape)}")
+        batch = "1" if shape[0] == 1 else f"{shape[0]} or 1"
+        raise SamplerError(f"{what}: expected shape ({batch}, {', '.join(map(str, shape[1:]))}), got {tuple(t.shape)}")
     return t.expand(shape)

@@ -317,9 +317,9 @@ def test_generate_img2img_uses_the_image_deterministically(cascade, one_thread, 
     # One image for the whole batch; the seeds (and so the images) differ.
     assert many_kw["image"].shape == (1, 3, 24, 24) and many_kw["mask"] is None
     assert not np.array_equal(pixels(tmp_path / "many-0.png"), pixels(tmp_path / "many-1.png"))
-    assert (many.base.strength, many.sr.strength) == (0.75, 1.0)  # img2img's default
-    assert (sr.base.strength, sr.sr.strength) == (0.5, 0.6)
-    assert all_white.base.strength == 1.0 and white_kw["mask"] is None  # all white: redrawn from text
+    assert (many.strength, many.sr_strength) == (0.75, 1.0)  # img2img's default
+    assert (sr.strength, sr.sr_strength) == (0.5, 0.6)
+    assert all_white.strength == 1.0 and white_kw["mask"] is None  # all white: redrawn from text
     assert "--mask: is all white, so the whole image is repainted" in caplog.text
     assert "is not used" not in caplog.text  # img2img at its default strength uses the image
 

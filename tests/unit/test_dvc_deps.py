@@ -94,7 +94,7 @@ def section_modules(sections: list[str] | None) -> set[str]:
     from imager.config import Params
 
     fields = Params.model_fields
-    chosen = fields if sections is None else {k: fields[k] for k in sections}
+    chosen = fields if sections is None else {k: fields[k] for k in {s.split(".")[0] for s in sections}}  # evaluate.base -> evaluate
     return {f.annotation.__module__ for f in chosen.values() if isinstance(f.annotation, type)}
 
 

@@ -298,9 +298,8 @@ def test_stage_inpainting_returns_the_known_pixels_exactly_only_with_the_overlay
     init, mask = image(seed=5), half_mask()
     keep = (mask == 0).expand(2, 3, 8, 8)
     known = init.expand(2, 3, 8, 8)
-    cfg = STAGE_CFG.model_copy(update={"resample": 2})
-    out = s.sample(cond, cfg, seed=0, init=init, mask=mask)
-    raw = s.sample(cond, cfg, seed=0, init=init, mask=mask, overlay=False)
+    out = s.sample(cond, STAGE_CFG, seed=0, init=init, mask=mask, resample=2)
+    raw = s.sample(cond, STAGE_CFG, seed=0, init=init, mask=mask, resample=2, overlay=False)
     assert out.shape == (2, 3, 8, 8)
     assert torch.equal(out[keep], known[keep])
     assert (raw[keep] - known[keep]).abs().max() > 0  # the network's x̂0 alone does not give them back
@@ -311,16 +310,16 @@ def test_stage_inpainting_returns_the_known_pixels_exactly_only_with_the_overlay
 def test_stage_editing_is_deterministic_per_seed():
     s, cond = stage(), condition(2)
     init, mask = image(seed=5), half_mask()
-    for cfg, m in ((STAGE_CFG, mask), (STAGE_CFG.model_copy(update={"strength": 0.5}), None)):
-        a, b = s.sample(cond, cfg, seed=3, init=init, mask=m), s.sample(cond, cfg, seed=3, init=init, mask=m)
-        c = s.sample(cond, cfg, seed=4, init=init, mask=m)
+    for strength, m in ((1.0, mask), (0.5, None)):
+        a, b = (s.sample(cond, STAGE_CFG, seed=3, init=init, mask=m, strength=strength) for _ in range(2))
+        c = s.sample(cond, STAGE_CFG, seed=4, init=init, mask=m, strength=strength)
         assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
 def test_stage_needs_an_image_for_a_low_strength_or_a_mask():
     s, cond = stage(), condition(1)
     with pytest.raises(SamplerError, match="strength 0.5 needs an input image"):
-        s.sample(cond, STAGE_CFG.model_copy(update={"strength": 0.5}), seed=0)
+        s.sample(cond, STAGE_CFG, seed=0, strength=0.5)
     with pytest.raises(SamplerError, match="a mask needs an init image"):
         s.sample(cond, STAGE_CFG, seed=0, mask=half_mask())
     with pytest.raises(SamplerError, match=r"^init image: expected shape .*, got \(1, 3, 16, 16\)$"):
