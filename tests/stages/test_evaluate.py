@@ -394,6 +394,58 @@ def test_evaluate_without_a_sweep_still_writes_every_output(data, cascade, tmp_p
     assert json.loads((tmp_path / "evaluate.json").read_text())["samples"] > 0
 
 
+EDITS = {
+    "images": 4, "grid_images": 1,
+    "inpaint": {"masks": ["centre", "border"], "border": 2, "resample": 2},
+    "img2img": {"strengths": [0.5, 1.0], "samplers": ["ddim", "dpmpp_2m"], "images": 4},
+    "sketch": {"strength": 0.7},
+}  # fmt: skip
+
+
+def edits_args(data: dict, c: dict, params: Path, out: Path) -> list:
+    return [
+        "evaluate-edits", "--params", params, "--shards", data["shards"], "--embeddings", data["emb"],
+        "--base", c["base"], "--sr", c["sr"], "--evaluator", c["evaluator"],
+        "--metrics", out / "edits.json", "--curve", out / "strength.json", "--plot", out / "strength.png", "--grid", out / "grid.png",
+    ]  # fmt: skip
+
+
+def test_evaluate_edits_reports_every_edit_and_its_costs(data, cascade, tmp_path, one_thread):
+    params = write(tmp_path / "params.yaml", {**PARAMS, "edits": EDITS})
+    invoke(*edits_args(data, cascade, params, tmp_path))
+    report = json.loads((tmp_path / "edits.json").read_text())
+    assert set(report["inpaint"]) == {"centre", "centre_resample2", "border", "border_resample2"}
+    for name, row in report["inpaint"].items():
+        assert row["known_max_error"] == 0, name  # the overlay gives the known pixels back exactly
+        assert row["known_max_error_before_overlay"] > 0, name  # the network alone does not
+        assert math.isfinite(row["fid_evaluator"]) and 0 <= row["r_precision_evaluator"] <= 1
+    steps = PARAMS["evaluate"]["base"]["steps"]
+    # CFG is one forward pass per step; RePaint's resampling takes each step but the last twice.
+    assert report["inpaint"]["centre"]["base_calls_per_batch"] == steps
+    assert report["inpaint"]["centre_resample2"]["base_calls_per_batch"] == (steps - 1) * 2 + 1
+    curve = json.loads((tmp_path / "strength.json").read_text())
+    assert [(r["sampler"], r["strength"]) for r in curve] == [(s, x) for s in ("ddim", "dpmpp_2m") for x in (0.5, 1.0)]
+    for sampler in ("ddim", "dpmpp_2m"):
+        weak, full = (next(r for r in curve if r["sampler"] == sampler and r["strength"] == x) for x in (0.5, 1.0))
+        assert weak["psnr"] > full["psnr"]  # a lower strength stays closer to the input
+    assert set(report["sketch"]) == {"sketch", "text_only", "strength"} and 0 <= report["sketch"]["sketch"]["sketch_fscore"] <= 1
+    for name in ("strength.png", "grid.png"):
+        with Image.open(tmp_path / name) as im:
+            im.verify()
+    # The same params give the same files: nothing run-dependent is written.
+    again = tmp_path / "again"
+    again.mkdir()
+    invoke(*edits_args(data, cascade, params, again))
+    assert (again / "edits.json").read_text() == (tmp_path / "edits.json").read_text()
+
+
+def test_evaluate_edits_bad_params_are_one_line(data, cascade, tmp_path):
+    bad = {**PARAMS, "edits": {**EDITS, "img2img": {**EDITS["img2img"], "strengths": [0.0, 0.5]}}}
+    line = error_line(*edits_args(data, cascade, write(tmp_path / "params.yaml", bad), tmp_path))
+    assert "edits.img2img.strengths" in line and "(0, 1]" in line
+    assert not (tmp_path / "edits.json").exists()
+
+
 def test_evaluator_beats_chance_on_real_held_out_emoji(tmp_path):
     """Trained on 720 real OpenMoji images, the evaluator ranks the captions of 80 emoji it never
     saw far above chance: retrieval generalises through the frozen text embeddings."""
