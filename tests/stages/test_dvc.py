@@ -38,7 +38,11 @@ TINY_EVALUATE = {
     "prompts": 3, "batch_size": 4, "base": {"steps": 2}, "sr": {"steps": 2}, "r_precision_k": 2, "grid_rows": 2,
     "sweep": {"samplers": ["ddim"], "steps": [2], "reference_steps": 3, "prompts": 2},
 }  # fmt: skip
-STAGES = ["download", "shard", "embed", "train-base", "train-sr", "train-evaluator", "evaluate"]
+TINY_EDITS = {
+    "images": 2, "grid_images": 1, "inpaint": {"masks": ["centre"], "border": 2, "resample": 2},
+    "img2img": {"strengths": [0.5, 1.0], "samplers": ["ddim"], "images": 2},
+}  # fmt: skip
+STAGES = ["download", "shard", "embed", "train-base", "train-sr", "train-evaluator", "evaluate", "evaluate-edits"]
 DVC_STAGES = ["params"] + [s.replace("-", "_") for s in STAGES]
 
 
@@ -66,6 +70,7 @@ def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, mlflow_uri)
         train_sr={**TINY_TRAIN, "lowres": 8, "resolution": 16, "crop": None},
         evaluator=TINY_EVALUATOR,
         evaluate=TINY_EVALUATE,
+        edits=TINY_EDITS,
     )
     (project / "params.yaml").write_text(yaml.safe_dump({"seed": 0, "sampler": "dpmpp_2m", **params}))
     sh(project, "git", "init", "-q")
@@ -80,7 +85,7 @@ def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, mlflow_uri)
     for out in ("data/raw/manifest.jsonl", "data/shards/index.json", "data/embeddings/embeddings.safetensors",
                 "data/models/base/model.safetensors", "data/models/sr/model.safetensors"):
         assert (project / out).is_file()
-    for report in ("download", "shard", "embed", "train_base", "train_sr", "evaluator", "evaluate", "sweep", "sweep_curve"):
+    for report in ("download", "shard", "embed", "train_base", "train_sr", "evaluator", "evaluate", "sweep", "sweep_curve", "edits", "edits_strength"):
         assert (project / "reports" / f"{report}.json").is_file()
     hashes = lock_hashes(project)
     assert set(hashes) == set(DVC_STAGES)
@@ -116,9 +121,10 @@ def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, mlflow_uri)
     assert "Running stage 'download'" not in changed
     assert "Running stage 'train_base'" in changed  # new embeddings: the models are trained afresh
 
-    # `dvc exp run -S sampler=...` sets the top-level key, which only the evaluate stage reads.
+    # `dvc exp run -S sampler=...` sets the top-level key, which only the evaluation stages read.
     exp = sh(project, "dvc", "exp", "run", "-S", "sampler=ddim", "-n", "try-ddim")
-    assert [line for line in exp.splitlines() if "Running stage" in line] == ["Running stage 'params':", "Running stage 'evaluate':"]
+    ran = [line for line in exp.splitlines() if "Running stage" in line]
+    assert ran == ["Running stage 'params':", "Running stage 'evaluate':", "Running stage 'evaluate_edits':"]
     shown = sh(project, "dvc", "exp", "show", "--md", "--no-pager")
     assert "try-ddim" in shown and "ddim" in shown and "fid_evaluator" in shown
     assert yaml.safe_load((project / "params.yaml").read_text())["sampler"] == "ddim"
@@ -127,10 +133,10 @@ def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, mlflow_uri)
     # MLflow: one pipeline id per dvc invocation, shared by the stages it ran; exp runs are tagged.
     mlflow.set_tracking_uri(mlflow_uri)
     runs = pipeline_ids("dvc-e2e")
-    rerun = ["embed", "train-base", "train-sr", "train-evaluator", "evaluate"]
-    assert [stage for _, stage, _ in runs] == STAGES + STAGES + rerun + ["evaluate"] + rerun
+    rerun = ["embed", "train-base", "train-sr", "train-evaluator", "evaluate", "evaluate-edits"]
+    assert [stage for _, stage, _ in runs] == STAGES + STAGES + rerun + ["evaluate", "evaluate-edits"] + rerun
     ids = [pid for pid, _, _ in runs]
     n, r = len(STAGES), len(rerun)
-    groups = [ids[:n], ids[n : 2 * n], ids[2 * n : 2 * n + r], ids[2 * n + r : 2 * n + r + 1], ids[2 * n + r + 1 :]]
+    groups = [ids[:n], ids[n : 2 * n], ids[2 * n : 2 * n + r], ids[2 * n + r : 2 * n + r + 2], ids[2 * n + r + 2 :]]
     assert all(len(set(g)) == 1 for g in groups) and len(set(ids)) == 5
-    assert [exp for _, _, exp in runs] == [""] * (2 * n + r) + ["try-ddim"] + ["short-captions"] * r
+    assert [exp for _, _, exp in runs] == [""] * (2 * n + r) + ["try-ddim"] * 2 + ["short-captions"] * r
