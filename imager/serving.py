@@ -179,7 +179,10 @@ class CascadeModel(mlflow.pyfunc.PythonModel):
         sampling = with_overrides(self.sampling, params)
         prompts, negatives = prompts_of(model_input)
         edits = self.edits(model_input, len(prompts), sampling, **edit_params)
-        cond, _ = encode_prompts(self.encoder, prompts)
+        for i, prompt in enumerate(prompts):  # a row with an image may go without text (unconditional)
+            if i not in edits and not prompt.strip():
+                raise ConfigError(f"prompt {i + 1} is empty; give a text such as 'red apple', or an image to edit")
+        cond, _ = encode_prompts(self.encoder, prompts, allow_empty=True)
         negative = encode_negative(self.encoder, negatives if negatives is not None else [negative_param] * len(prompts))
         return to_hwc(self.sample(cond, sampling, negative, edits)).numpy()
 

@@ -32,7 +32,7 @@ IMG2IMG_STRENGTH = 0.75  # AUTOMATIC1111's default denoising strength: keeps the
 
 @user_errors
 def generate(
-    prompt: Annotated[str, typer.Argument(help="What to draw, e.g. 'red apple'.")],
+    prompt: Annotated[str, typer.Argument(help="What to draw, e.g. 'red apple'; may be '' with --init-image (the image alone guides).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write; with --num N > 1, NAME-0.png ... NAME-{N-1}.png.")],
     num: Annotated[int, typer.Option("--num", "-n", min=1, max=1024, help="Images to make (seeds seed, seed+1, ... within a batch).")] = 1,
     negative: Annotated[str | None, typer.Option("--negative", help="Negative prompt: what to steer away from (replaces the unconditional branch of guidance).", rich_help_panel=SAMPLING)] = None,
@@ -78,8 +78,8 @@ def generate(
     sampling = with_overrides(p.evaluate.sampling(p.sampler), given, cli=True)
     for stage in ("base", "sr"):  # bad input fails before any model loads
         check_sampling(sampling.stage(stage))
-    if not prompt.strip():
-        raise ConfigError("prompt 1 is empty; give a text such as 'red apple'")
+    if not prompt.strip() and init_image is None:  # an edit of an image may go without text
+        raise ConfigError("prompt 1 is empty; give a text such as 'red apple', or an --init-image to edit")
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out: must be a .png file, got '{out}'")
     if out.parent and not out.parent.is_dir():
@@ -100,7 +100,7 @@ def generate(
     hf_logging.disable_progress_bar()  # one bar (ours), and one line on an error
     encoder = load_text_encoder(p.embed)
     cascade.check_encoder(encoder)
-    cond, truncated = encode_prompts(encoder, [prompt] * num)
+    cond, truncated = encode_prompts(encoder, [prompt] * num, allow_empty=edit is not None)
     if truncated:
         log.warning("the prompt is longer than %d tokens and was cut", encoder.max_length)
     neg = encode_negative(encoder, [negative or ""])

@@ -190,14 +190,36 @@ def _batch_rows(t: Tensor, start: int, size: int) -> Tensor:
     return t if t.shape[0] == 1 else t[start : start + size]
 
 
-def encode_prompts(encoder: Any, prompts: Sequence[str]) -> tuple[Cond, int]:
+def encode_prompts(encoder: Any, prompts: Sequence[str], *, allow_empty: bool = False) -> tuple[Cond, int]:
     """(condition, number of prompts cut to the encoder's max length) for user prompts; a
-    :class:`ConfigError` for an empty prompt."""
+    :class:`ConfigError` for an empty prompt unless ``allow_empty`` (edits of an image need no
+    text): an empty prompt's row then has an all-False mask, which :meth:`Stage.sample` replaces
+    with the model's null condition."""
     for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
+        if not isinstance(p, str):
+            raise ConfigError(f"prompt {i + 1} is not a text; give a text such as 'red apple'")
+        if not allow_empty and not p.strip():
             raise ConfigError(f"prompt {i + 1} is empty; give a text such as 'red apple'")
-    emb = encoder.encode(list(prompts))
-    return (emb.tokens.float(), emb.mask, emb.pooled.float()), int(emb.truncated)
+    if all(p.strip() for p in prompts):
+        emb = encoder.encode(list(prompts))
+        return (emb.tokens.float(), emb.mask, emb.pooled.float()), int(emb.truncated)
+    return _encode_rows(encoder, list(prompts))
+
+
+def _encode_rows(encoder: Any, texts: list[str]) -> tuple[Cond, int]:
+    """The texts' condition with all-False-mask rows (zeros) for the empty ones, and how many were cut."""
+    given = [i for i, t in enumerate(texts) if t.strip()]
+    n = len(texts)
+    if not given:
+        zeros = torch.zeros(n, encoder.max_length, encoder.token_dim), torch.zeros(n, encoder.pooled_dim)
+        return (zeros[0], torch.zeros(n, encoder.max_length, dtype=torch.bool), zeros[1]), 0
+    emb = encoder.encode([texts[i] for i in given])
+    tokens = emb.tokens.new_zeros((n, *emb.tokens.shape[1:])).float()
+    mask = emb.mask.new_zeros((n, *emb.mask.shape[1:]))
+    pooled = emb.pooled.new_zeros((n, *emb.pooled.shape[1:])).float()
+    index = torch.tensor(given)
+    tokens[index], mask[index], pooled[index] = emb.tokens.float(), emb.mask, emb.pooled.float()
+    return (tokens, mask, pooled), int(emb.truncated)
 
 
 def encode_negative(encoder: Any, texts: Sequence[str]) -> Cond | None:
@@ -207,12 +229,4 @@ def encode_negative(encoder: Any, texts: Sequence[str]) -> Cond | None:
     texts = ["" if t is None else str(t) for t in texts]
     if not any(t.strip() for t in texts):
         return None
-    given = [i for i, t in enumerate(texts) if t.strip()]
-    emb = encoder.encode([texts[i] for i in given])
-    n = len(texts)
-    tokens = emb.tokens.new_zeros((n, *emb.tokens.shape[1:]))
-    mask = emb.mask.new_zeros((n, *emb.mask.shape[1:]))
-    pooled = emb.pooled.new_zeros((n, *emb.pooled.shape[1:]))
-    index = torch.tensor(given)
-    tokens[index], mask[index], pooled[index] = emb.tokens, emb.mask, emb.pooled
-    return tokens.float(), mask, pooled.float()
+    return _encode_rows(encoder, texts)[0]

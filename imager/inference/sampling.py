@@ -145,7 +145,9 @@ class Stage:
     ) -> Tensor:
         """(B, 3, R, R) samples in [-1, 1] on the model's device for the text condition ``cond``.
 
-        Classifier-free guidance (``cfg.guidance``) contrasts ``cond`` with ``negative`` (batch B or
+        A row of ``cond`` with an all-False mask (an empty prompt, :func:`encode_prompts` with
+        ``allow_empty``) takes the model's null condition: unconditional sampling, e.g. inpainting
+        from the image alone. Classifier-free guidance (``cfg.guidance``) contrasts ``cond`` with ``negative`` (batch B or
         1; a negative prompt's embedding; rows with an all-False mask stand for no negative prompt)
         or, when None, the model's null condition; ``cfg.threshold`` acts on the guided x̂0. The SR model also takes ``lowres`` (B, 3, r, r) in [-1, 1], already
         noise-augmented to ``aug_level`` (B,). ``on_denoise(x̂0)`` sees the guided x̂0 (B, 3, R, R)
@@ -163,6 +165,7 @@ class Stage:
         tokens, text_mask, pooled = _to(cond, device, dtype)
         batch = tokens.shape[0]
         uncond = model.null_condition(batch)
+        tokens, text_mask, pooled = _with_null_rows((tokens, text_mask, pooled), uncond)  # empty prompts
         if negative is not None:
             uncond = _with_null_rows(_to(negative, device, dtype), uncond)
         if lowres is None:

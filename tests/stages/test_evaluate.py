@@ -324,8 +324,9 @@ def test_generate_img2img_uses_the_image_deterministically(cascade, one_thread, 
     assert "is not used" not in caplog.text  # img2img at its default strength uses the image
 
 
-@pytest.mark.parametrize("extra", [[], ["--mask-blur", "2", "--resample", "2"]])
-def test_generate_inpainting_keeps_the_known_pixels(cascade, one_thread, tmp_path, extra):
+@pytest.mark.parametrize(("prompt", "extra"), [("red heart", []), ("red heart", ["--mask-blur", "2", "--resample", "2"]), ("", [])])
+def test_generate_inpainting_keeps_the_known_pixels(cascade, one_thread, tmp_path, prompt, extra):
+    """Also with an empty prompt: inpainting from the image alone (the null condition)."""
     from imager.inference.edit import prepare
     from imager.inference.images import resize, resize_mask
 
@@ -333,7 +334,9 @@ def test_generate_inpainting_keeps_the_known_pixels(cascade, one_thread, tmp_pat
     white = np.zeros((32, 32), bool)
     white[8:24, 12:30] = True
     mask = save_mask(tmp_path / "mask.png", white)
-    invoke(*gen_args(cascade, tmp_path / "out.png", "--init-image", image, "--mask", mask, *extra))
+    args = gen_args(cascade, tmp_path / "out.png", "--init-image", image, "--mask", mask, *extra)
+    args[1] = prompt
+    invoke(*args)
     out = pixels(tmp_path / "out.png")
 
     blur = float(extra[1]) if extra else 0.0

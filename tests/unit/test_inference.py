@@ -187,3 +187,17 @@ def test_the_mlflow_model_takes_negative_prompts_and_sampling_params():
     assert not np.array_equal(model.predict(None, ["red", "blue"], params={"steps": 4, "seed": 1}), plain)
     with pytest.raises(ConfigError, match="params: threshold: input should be"):
         model.predict(None, ["red"], params={"threshold": "soft"})
+
+
+def test_an_empty_prompt_row_samples_from_the_null_condition():
+    from imager.inference import encode_prompts
+
+    s = stage()
+    cond, _ = encode_prompts(HashEncoder(), ["red", ""], allow_empty=True)
+    assert cond[1][1].sum() == 0 and cond[1][0].all()  # the empty row: an all-False mask
+    null = tuple(t.detach().clone() for t in s.model.null_condition(2))
+    out, unconditional = s.sample(cond, CFG, seed=0), s.sample(null, CFG, seed=0)
+    assert torch.equal(out[1], unconditional[1]) and not torch.allclose(out[0], unconditional[0])
+    with pytest.raises(ConfigError, match="prompt 2 is empty"):
+        encode_prompts(HashEncoder(), ["red", " "])
+    assert torch.equal(encode_prompts(HashEncoder(), ["red", "blue"], allow_empty=True)[0][0], encode_prompts(HashEncoder(), ["red", "blue"])[0][0])

@@ -180,7 +180,16 @@ BAD_INPUTS = [
     (frame(["a"], [GOOD]), {"outpaint": "left=x"}, r"^params: outpaint: left=x is not a whole number of pixels"),
     (["a"], {"outpaint": "16"}, r"^params: outpaint: no row has an image to extend"),
     (pd.DataFrame({"image": [GOOD]}), {}, r"^prompt: the DataFrame has no prompt column"),
+    (frame(["a", " "], [GOOD, None]), {}, r"^prompt 2 is empty; give a text such as 'red apple', or an image to edit$"),
 ]
+
+
+def test_an_edit_may_have_an_empty_prompt(model, one_thread):
+    image, mask = picture(0), hole()
+    expected, keep = known_pixels(image, mask)
+    [got] = model.predict(None, frame([""], [png(image)], [png(mask)]))
+    assert np.array_equal(got[keep], expected[keep])
+    assert not np.array_equal(got, model.predict(None, frame(["red apple"], [png(image)], [png(mask)]))[0])  # no text, another image
 
 
 @pytest.mark.parametrize(("model_input", "params", "message"), BAD_INPUTS)
