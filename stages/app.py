@@ -11,6 +11,7 @@ from stages.generate import generate
 from stages.params import check_params
 from stages.shard import shard
 from stages.train import train_base, train_sr
+from stages.ui import ui
 
 app = typer.Typer(
     name="imager",
@@ -18,7 +19,7 @@ app = typer.Typer(
         "Imager: text-to-image diffusion as a DVC pipeline.\n\n"
         "Each command but `generate` is one stage of dvc.yaml: check-params, then download -> shard -> "
         "embed -> train-base, train-sr, train-evaluator -> evaluate, evaluate-edits. Run them all with `dvc repro`; params "
-        "live in params.yaml. `imager generate \"red apple\" --out apple.png` draws with the result."
+        "live in params.yaml. `imager generate \"red apple\" --out apple.png` draws with the result; `imager ui` serves the web app and HTTP API."
     ),
     no_args_is_help=True,
     rich_markup_mode="markdown",
@@ -35,6 +36,7 @@ app.command("train-evaluator")(train_evaluator)
 app.command()(evaluate)
 app.command("evaluate-edits")(evaluate_edits)
 app.command()(generate)
+app.command()(ui)
 
 
 def main() -> None:

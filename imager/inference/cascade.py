@@ -15,6 +15,7 @@ the text encoder (:func:`encode_prompts`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,7 @@ class Cascade:
         image: Tensor | None = None,
         mask: Tensor | None = None,
         overlay: bool = True,
+        on_denoise: Callable[[str, Tensor], None] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """(base (B, 3, r, r), sr (B, 3, R, R) or None) in [-1, 1], on the CPU, for ``cond``.
 
@@ -103,6 +105,10 @@ class Cascade:
         < 1 (the SR stage then refines the given image rather than upsampling from noise),
         inpainting of the mask (``resample``, ``sr_resample``: RePaint's resampling). The SR stage's input is the base result with the known pixels
         overlaid; ``overlay`` False returns both results without the overlay (to measure it).
+
+        ``on_denoise(stage, x̂0)`` sees each stage's guided x̂0 (``"base"`` or ``"sr"``, the batch's
+        (b, 3, r, r)) after every denoiser call: live previews and progress. An exception it raises
+        stops sampling there (a Stop button), with nothing returned.
         """
         tokens, text_mask, pooled = cond
         n = tokens.shape[0]
@@ -127,15 +133,17 @@ class Cascade:
             neg = None if negative is None else _rows(negative, start, cfg.batch_size)
             init, known = (None if t is None else _batch_rows(t, start, cfg.batch_size) for t in base_in)
             raw = self.base.sample(
-                c, base_cfg, seed=cfg.seed + start, negative=neg, init=init, mask=known, strength=cfg.strength, resample=cfg.resample, overlay=False
-            )
+                c, base_cfg, seed=cfg.seed + start, negative=neg, init=init, mask=known, strength=cfg.strength, resample=cfg.resample, overlay=False,
+                on_denoise=None if on_denoise is None else partial(on_denoise, "base"),
+            )  # fmt: skip
             base = raw if known is None else overlay_known(raw, init, known)
             bases.append((base if overlay else raw).cpu())
             if sr_used:
                 init, known = (None if t is None else _batch_rows(t, start, cfg.batch_size) for t in sr_in)
                 high = self.super_resolve(
-                    base, c, sr_cfg, seed=cfg.seed + start, negative=neg, init=init, mask=known, strength=cfg.sr_strength, resample=cfg.sr_resample, overlay=overlay
-                )
+                    base, c, sr_cfg, seed=cfg.seed + start, negative=neg, init=init, mask=known, strength=cfg.sr_strength, resample=cfg.sr_resample, overlay=overlay,
+                    on_denoise=None if on_denoise is None else partial(on_denoise, "sr"),
+                )  # fmt: skip
                 srs.append(high.cpu())
             if on_batch is not None:
                 on_batch(c[0].shape[0])
@@ -163,6 +171,7 @@ class Cascade:
         strength: float = 1.0,
         resample: int = 1,
         overlay: bool = True,
+        on_denoise: Callable[[Tensor], None] | None = None,
     ) -> Tensor:
         """(B, 3, R, R) in [-1, 1] on the model's device from ``lowres`` (B, 3, r, r) in [-1, 1]: the
         input is noise-augmented to ``cfg.aug_level`` (the model's own level when None), then sampled
@@ -174,8 +183,9 @@ class Cascade:
         aug = torch.full((lowres.shape[0],), float(level))
         low = noise_augment(lowres.float().cpu(), aug, self.sr.schedule, gen)
         return self.sr.sample(
-            cond, cfg, seed=seed, negative=negative, lowres=low, aug_level=aug, init=init, mask=mask, strength=strength, resample=resample, overlay=overlay
-        )
+            cond, cfg, seed=seed, negative=negative, lowres=low, aug_level=aug, init=init, mask=mask, strength=strength, resample=resample, overlay=overlay,
+            on_denoise=on_denoise,
+        )  # fmt: skip
 
 
 def _rows(cond: Cond, start: int, size: int) -> Cond:

@@ -216,6 +216,26 @@ class Stage:
         return x
 
 
+def denoiser_calls(stage: Stage, cfg: StageSampling, *, strength: float = 1.0, resample: int = 1, masked: bool = False) -> int:
+    """How many denoiser calls :meth:`Stage.sample` makes with these settings (a progress bar's
+    total): the sampler run on a 1-pixel image with a free denoiser, so it counts every solver's
+    order, the strength's skipped steps and RePaint's resampling exactly as sampling would."""
+    calls = 0
+
+    def free(x: Tensor, sigma: Tensor) -> Tensor:
+        nonlocal calls
+        calls += 1
+        return torch.zeros_like(x)
+
+    shape = (1, 1, 1, 1)
+    sample(
+        free, shape, stage.schedule, sampler=cfg.sampler, steps=cfg.steps, spacing=cfg.spacing, generator=torch.Generator().manual_seed(0),
+        eta=cfg.eta, device="cpu", init=torch.zeros(shape) if (strength < 1 or masked) else None, strength=strength,
+        mask=torch.ones(shape) if masked else None, resample=resample if masked else 1, **cfg.options,
+    )  # fmt: skip
+    return calls
+
+
 def overlay_known(x: Tensor, known: Tensor, mask: Tensor) -> Tensor:
     """m·x + (1 − m)·known: the known pixels (mask 0) back exactly, a feathered edge blended; on
     x's device and dtype (the cascade's known image and mask are on the CPU)."""

@@ -1,0 +1,164 @@
+"""What a client may ask of the app: one generation request, its limits, its parameters on a PNG.
+
+:class:`GenerateRequest` is the body of ``POST /api/v1/generate`` and what the web form builds; the
+server's :class:`Limits` bound it (prompt length, steps, images, upload size) and
+:func:`check_request` turns every problem into one :class:`ConfigError` line naming the field.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from imager.errors import ConfigError
+
+Mode = Literal["text", "img2img", "inpaint", "outpaint", "sketch"]
+IMG2IMG_STRENGTH = 0.75  # AUTOMATIC1111's default denoising strength: keeps the layout, redraws the detail
+SEED_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; a shared server on a small machine needs all of them."""
+
+    prompt_chars: int = 500  # the encoder reads a few dozen tokens; longer is a mistake or abuse
+    steps: int = 200
+    images: int = 8
+    upload_bytes: int = 8 * 1024 * 1024
+    queue: int = 32  # requests waiting at once; more get "the queue is full"
+
+
+class GenerateRequest(BaseModel):
+    """One request: text to image, or an edit of ``image`` (base64 PNG/JPEG, a data URL too).
+
+    Unset sampling fields take the model's defaults (params.yaml's ``sampler`` and ``evaluate``,
+    or the settings an MLflow model was logged with). ``seed`` None draws a random seed, which the
+    job reports; image ``i`` of the request is made with ``seed + i`` alone, so any image is made
+    again from its own seed with ``num_images`` 1.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    sampler: str | None = None
+    steps: int | None = Field(None, ge=1)
+    guidance: float | None = Field(None, ge=0, le=100)
+    sr_steps: int | None = Field(None, ge=1)
+    sr_guidance: float | None = Field(None, ge=0, le=100)
+    threshold: Literal["none", "static", "dynamic"] | None = None
+    num_images: int = Field(1, ge=1)
+    use_sr: bool = True
+    mode: Mode | None = None  # None: img2img with an image, inpaint with a mask, outpaint with outpaint, else text
+    image: str | None = None
+    mask: str | None = None
+    strength: float | None = Field(None, gt=0, le=1)
+    sr_strength: float | None = Field(None, gt=0, le=1)
+    resample: int | None = Field(None, ge=1, le=20)
+    mask_blur: float = Field(0.0, ge=0, le=64)
+    outpaint: str | None = None
+    model: str | None = None
+    preview_every: int = Field(1, ge=1, le=1000)
+
+    def resolved_mode(self) -> Mode:
+        if self.mode is not None:
+            return self.mode
+        if self.image is None:
+            return "text"
+        if self.outpaint:
+            return "outpaint"
+        return "inpaint" if self.mask is not None else "img2img"
+
+    def resolved_strength(self) -> float:
+        """The base stage's strength: the request's, else 0.75 for img2img and sketch, else 1."""
+        if self.strength is not None:
+            return self.strength
+        return IMG2IMG_STRENGTH if self.resolved_mode() in ("img2img", "sketch") else 1.0
+
+
+def parse_request(data: Any) -> GenerateRequest:
+    """A :class:`GenerateRequest` from JSON-like data; a one-line ConfigError for the first problem."""
+    if isinstance(data, GenerateRequest):
+        return data
+    try:
+        return GenerateRequest.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc)) from None
+
+
+def validation_message(exc: ValidationError) -> str:
+    """The first error of a pydantic validation as ``field: message``."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "request"
+    msg = err.get("msg", "invalid")
+    if err.get("type") == "extra_forbidden":
+        msg = f"unknown field; the fields are {', '.join(GenerateRequest.model_fields)}"
+    return f"{where}: {msg}"
+
+
+def check_request(req: GenerateRequest, limits: Limits) -> None:
+    """A ConfigError naming the field for anything :class:`Limits` refuses or that cannot be made."""
+    mode = req.resolved_mode()
+    if len(req.prompt) > limits.prompt_chars:
+        raise ConfigError(f"prompt: {len(req.prompt)} characters, more than the limit of {limits.prompt_chars}")
+    if len(req.negative_prompt) > limits.prompt_chars:
+        raise ConfigError(f"negative_prompt: {len(req.negative_prompt)} characters, more than the limit of {limits.prompt_chars}")
+    for name in ("steps", "sr_steps"):
+        value = getattr(req, name)
+        if value is not None and value > limits.steps:
+            raise ConfigError(f"{name}: {value} is more than the limit of {limits.steps}")
+    if req.num_images > limits.images:
+        raise ConfigError(f"num_images: {req.num_images} is more than the limit of {limits.images}")
+    if mode == "text":
+        if not req.prompt.strip():
+            raise ConfigError("prompt: is empty; give a text such as 'red apple', or an image to edit")
+        for name in ("mask", "outpaint", "strength", "sr_strength"):
+            if getattr(req, name) not in (None, "") and not (name.endswith("strength") and getattr(req, name) == 1):
+                raise ConfigError(f"{name}: needs an image to edit; give one, or leave out {name}")
+    elif req.image is None:
+        raise ConfigError(f"image: mode '{mode}' needs an image")
+    if mode == "inpaint" and req.mask is None:
+        raise ConfigError("mask: mode 'inpaint' needs a mask (white = repaint)")
+    if mode == "outpaint" and not (req.outpaint or "").strip():
+        raise ConfigError("outpaint: mode 'outpaint' needs the border to add, e.g. 'left=16,top=8' or '16'")
+    for name in ("image", "mask"):
+        value = getattr(req, name)
+        if value is not None:
+            size = len(value) * 3 // 4
+            if size > limits.upload_bytes:
+                raise ConfigError(f"{name}: {size / 1e6:.1f} MB, more than the limit of {limits.upload_bytes / 1e6:.1f} MB")
+
+
+DATA_URL = re.compile(r"^data:[\w/+.-]+;base64,")
+
+
+def decode_upload(text: str, what: str, limits: Limits) -> bytes:
+    """The bytes of a base64 upload (a data URL's header is dropped); a ConfigError naming ``what``."""
+    text = DATA_URL.sub("", text.strip(), count=1)
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{what}: not base64; send the PNG/JPEG bytes base64-encoded (a data: URL works too)") from None
+    if not data:
+        raise ConfigError(f"{what}: is empty")
+    if len(data) > limits.upload_bytes:
+        raise ConfigError(f"{what}: {len(data) / 1e6:.1f} MB, more than the limit of {limits.upload_bytes / 1e6:.1f} MB")
+    return data
+
+
+# The request fields a history PNG carries and "use these parameters" gives back to the form.
+RECALLED = (
+    "prompt", "negative_prompt", "seed", "sampler", "steps", "guidance", "sr_steps", "sr_guidance", "threshold", "use_sr", "mode",
+    "strength", "sr_strength", "resample", "mask_blur", "outpaint", "model",
+)  # fmt: skip
+
+
+def recalled(params: dict[str, Any]) -> dict[str, Any]:
+    """The request fields of an image's parameters (the rest describe the result, not the request)."""
+    return {k: params[k] for k in RECALLED if k in params}
