@@ -73,6 +73,6 @@ class History:
         """The newest ``limit`` images first."""
         if not self.folder.is_dir():
             return []
-        files = [p for p in self.folder.iterdir() if NAME.match(p.name) and p.is_file()]
+        files = [p for p in self.folder.iterdir() if NAME.match(p.name) and p.is_file() and not p.is_symlink()]
         files.sort(key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
         return [Entry(p.name, p, self.params(p.name)) for p in files[:limit]]
