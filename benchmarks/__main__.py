@@ -36,7 +36,7 @@ def bench(
     batch: Annotated[int | None, typer.Option(min=1, help="Training/cache/data batch. Default: train_base.batch_size.")] = None,
     sampling_batch: Annotated[int | None, typer.Option(min=1, help="Sampling batch. Default 32.")] = None,
     steps: Annotated[int | None, typer.Option(min=1, max=1000, help="Sampling steps. Default 20.")] = None,
-    only: Annotated[list[str] | None, typer.Option(help="Run only these comparisons (repeatable): training, sampling, cache, data, quality.")] = None,
+    only: Annotated[list[str] | None, typer.Option(help="Run only these comparisons (repeatable): training, sampling, cache, data, ui, quality.")] = None,
     fid: Annotated[bool, typer.Option("--fid", help="Also DPM-Solver++ 20 vs DDPM 1000 steps in FID (needs trained base model + evaluator; slow).")] = False,
     fid_prompts: Annotated[int | None, typer.Option(min=2, help="Held-out prompts for --fid. Default: evaluate.sweep.prompts.")] = None,
     fid_seeds: Annotated[int | None, typer.Option(min=1, help="Noise seeds for --fid (their images are scored together). Default 3 (quick: 2).")] = None,
@@ -46,7 +46,8 @@ def bench(
     threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads. Default: train_base.threads, else torch's.")] = None,
     shards: Annotated[Path, typer.Option(help="Shard directory; a small synthetic set is made when it has no index.json.")] = Path("data/shards"),
     embeddings: Annotated[Path, typer.Option(help="Embedding cache; one is built for the benchmark's captions if it does not fit.")] = Path("data/embeddings"),
-    base_model: Annotated[Path, typer.Option(help="Trained base model (--fid).")] = Path("data/models/base/model.safetensors"),
+    base_model: Annotated[Path, typer.Option(help="Trained base model (--fid, ui).")] = Path("data/models/base/model.safetensors"),
+    sr_model: Annotated[Path, typer.Option(help="Trained SR model (ui).")] = Path("data/models/sr/model.safetensors"),
     evaluator: Annotated[Path, typer.Option(help="Trained evaluator (--fid).")] = Path("data/models/evaluator/evaluator.safetensors"),
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
@@ -89,7 +90,8 @@ def bench(
                 raise ConfigError(f"{what}: {path} not found; --fid needs the trained pipeline (`dvc repro`)")
     report = run_bench(
         QUICK_MODEL if quick else tb.model, tb.schedule, tb.loss.prediction, p.embed, p.evaluate, settings=settings,
-        paths=BenchPaths(shards=shards, embeddings=embeddings, base_model=base_model, evaluator=evaluator), device=run_on,
+        paths=BenchPaths(shards=shards, embeddings=embeddings, base_model=base_model, evaluator=evaluator, sr_model=sr_model, params=params),
+        device=run_on,
     )
     for json_path, markdown_path in outputs:
         atomic_write_json(json_path, report.to_json())

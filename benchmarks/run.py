@@ -34,7 +34,7 @@ from imager.models.diffusers_unet import require_diffusers
 from imager.text.config import Embed
 
 log = logging.getLogger(__name__)
-COMPARISONS = ("training", "sampling", "cache", "data", "quality")  # quality: with --quality EXPERIMENT
+COMPARISONS = ("training", "sampling", "cache", "data", "ui", "quality")  # quality: with --quality EXPERIMENT; ui: with trained models
 BUSY_SHARE = 0.2  # share of the CPU used by other processes during the run above which the numbers get a warning
 
 
@@ -62,6 +62,8 @@ class BenchSettings:
     quality: str | None = None  # DVC experiment trained with arch: diffusers (quality at equal compute)
     quality_ours: str = "workspace"  # the experiment it is compared with
     tracking_experiment: str = "imager"  # the MLflow experiment holding the training runs (their wall times)
+    ui_clients: int = 4  # concurrent clients of the web app's throughput
+    ui_requests: int = 3  # requests each
     seed: int = 0
     only: tuple[str, ...] = COMPARISONS
     quick: bool = False
@@ -70,7 +72,7 @@ class BenchSettings:
     def quick_run(cls, **overrides: Any) -> BenchSettings:
         tiny = dict(batch_size=4, resolution=16, repeats=2, warmup=1, sampling_batch=2, sampling_steps=3, matmul_size=128,
                     data_batches=1, shuffle_buffer=8, synthetic_samples=40, synthetic_resolution=16, fid_prompts=4,
-                    fid_steps=3, fid_reference_steps=10, fid_seeds=2, quick=True)
+                    fid_steps=3, fid_reference_steps=10, fid_seeds=2, ui_requests=1, quick=True)
         return cls(**{**tiny, **overrides})
 
 
@@ -83,6 +85,8 @@ class BenchPaths:
     embeddings: Path = Path("data/embeddings")
     base_model: Path = Path("data/models/base/model.safetensors")
     evaluator: Path = Path("data/models/evaluator/evaluator.safetensors")
+    sr_model: Path = Path("data/models/sr/model.safetensors")
+    params: Path = Path("params.yaml")
 
 
 def _text_dims(embeddings: Path, encoder_loader) -> dict[str, int]:
@@ -103,7 +107,7 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
     s = settings
     if s.quality is None and s.only == ("quality",):
         raise BenchError("--only quality needs --quality EXPERIMENT (a `dvc exp run -S train_base.model.arch=diffusers` run)")
-    if set(s.only) - {"quality"}:
+    if set(s.only) - {"quality", "ui"}:
         require_diffusers()
     clock = read_cpu_clock()
     machine = describe_machine(device)
@@ -116,7 +120,7 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
             encoder_box.append(load_text_encoder(embed))
         return encoder_box[0]
 
-    measured = set(s.only) - {"quality"}  # quality only reads DVC experiments
+    measured = set(s.only) - {"quality", "ui"}  # quality only reads DVC experiments; ui serves the trained cascade
     config = resolve_config(model, **_text_dims(paths.embeddings, encoder)) if measured or s.fid else model
     comparisons: list[Comparison] = []
     notes: list[str] = []
@@ -181,6 +185,20 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
                              "the container's: a tar shard read through its index vs a file per sample. The index (one tarfile "
                              f"pass per shard, cached) took {d['shard_index_seconds']:.2f} s for {d['shards']} shards, once per "
                              "process, before timing, as the folder's file list.")
+    if "ui" in s.only:
+        if paths.base_model.is_file() and paths.sr_model.is_file():
+            from benchmarks.ui import bench_ui
+
+            with tempfile.TemporaryDirectory(prefix="imager-benchmarks-ui-") as tmp:
+                rows = bench_ui(paths.base_model, paths.sr_model, paths.params, repeats=s.repeats, warmup=s.warmup,
+                                clients=s.ui_clients, per_client=s.ui_requests, tmp=Path(tmp))
+            comparisons += rows
+            notes.append(f"Web app: `imager ui` in its own process with the trained cascade ({rows[0].details['sampling']}), "
+                         "driven over HTTP (POST /api/v1/generate, then the job's server-sent events) vs the same request through the "
+                         "library in this process; latencies are medians of interleaved rounds, the same prompt and seed on both sides; "
+                         f"throughput: {s.ui_clients} clients × {s.ui_requests} requests vs as many images one after another.")
+        else:
+            notes.append(f"Web app: not measured; it serves the trained cascade ({paths.base_model}, {paths.sr_model}): run `dvc repro` first.")
     if s.quality is not None and "quality" in s.only:
         from benchmarks import quality
 

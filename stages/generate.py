@@ -8,6 +8,11 @@ From an image (``--init-image``): img2img at ``--strength``, inpainting of ``--m
 repaint) and outpainting (``--outpaint``). The inputs are read and checked by
 :func:`imager.inference.edit.prepare` before any model loads; what it did to them (resized, cropped,
 converted, nothing to repaint) is logged as warnings.
+
+Each PNG carries its parameters in its text chunks (:mod:`imager.inference.metadata`): prompt,
+negative prompt, seed, sampler, steps, guidance, strength, the model files' SHA-256 and Imager's
+version; `imager ui` restores them from a dropped file. Images of one batch share its seed (the
+noise of the batch is drawn at once): such a PNG also records its ``batch_index`` and ``batch_size``.
 """
 
 from __future__ import annotations
@@ -60,13 +65,13 @@ def generate(
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Generate images for PROMPT with the trained cascade (base, then super-resolution)."""
-    from PIL import Image
     from tqdm.auto import tqdm
 
     from imager.inference import Cascade, check_sampling, encode_prompts, resolve_device
     from imager.inference.cascade import encode_negative
     from imager.inference.config import with_overrides
     from imager.inference.images import to_hwc
+    from imager.inference.metadata import file_sha256, image_params, save_png
     from imager.text import load_text_encoder
 
     p = load_params(params)
@@ -109,10 +114,16 @@ def generate(
         low, high = cascade.generate(cond, sampling, negative=neg, use_sr=not no_sr, on_batch=bar.update, **image_in)
     images = to_hwc(high if high is not None else low).numpy()
     paths = [out] if num == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(num)]
-    for image, path in zip(images, paths, strict=True):
-        tmp = path.with_name(f".{path.name}.tmp")
-        Image.fromarray(image).save(tmp, format="PNG")
-        tmp.replace(path)
+    identity = {"base_sha256": file_sha256(base)} | ({} if no_sr else {"sr_sha256": file_sha256(sr)})
+    mode = "text" if edit is None else "outpaint" if outpaint is not None else "inpaint" if mask is not None else "img2img"
+    for i, (image, path) in enumerate(zip(images, paths, strict=True)):
+        start = i - i % sampling.batch_size  # the batch's noise is drawn from seed + its first index
+        batch = {} if num - start == 1 or sampling.batch_size == 1 else {"batch_index": i - start, "batch_size": min(sampling.batch_size, num - start)}
+        meta = image_params(
+            prompt=prompt, negative_prompt=negative or "", seed=sampling.seed + start, sampling=sampling, use_sr=not no_sr, mode=mode,
+            size=image.shape[0], identity=identity, mask=mode in ("inpaint", "outpaint"), mask_blur=mask_blur or 0.0, outpaint=outpaint, **batch,
+        )  # fmt: skip
+        save_png(path, image, meta)
     typer.echo("\n".join(str(p) for p in paths))
 
 

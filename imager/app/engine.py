@@ -355,19 +355,13 @@ class Engine:
     @staticmethod
     def _params(req: GenerateRequest, seed: int, sampling, model: LoadedModel, use_sr: bool, size: int) -> dict[str, Any]:
         """What the PNG records: the request as it was sampled (the model's defaults filled in)."""
-        from imager.inference.metadata import imager_version
+        from imager.inference.metadata import image_params
 
-        edit = req.image is not None
-        params = {
-            "prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": seed, "sampler": sampling.sampler,
-            "steps": sampling.base.steps, "guidance": sampling.base.guidance, "threshold": sampling.base.threshold,
-            "sr_steps": sampling.sr.steps if use_sr else None, "sr_guidance": sampling.sr.guidance if use_sr else None, "use_sr": use_sr,
-            "mode": req.resolved_mode(), "strength": sampling.strength if edit else None, "sr_strength": sampling.sr_strength if edit and use_sr else None,
-            "resample": sampling.resample if edit and req.mask is not None else None, "mask_blur": req.mask_blur if edit else None,
-            "outpaint": req.outpaint if edit else None, "size": size, "model": model.source.id, "model_label": model.source.label,
-            **model.identity, "imager_version": imager_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }  # fmt: skip
-        return {k: v for k, v in params.items() if v is not None}
+        return image_params(
+            prompt=req.prompt, negative_prompt=req.negative_prompt, seed=seed, sampling=sampling, use_sr=use_sr, mode=req.resolved_mode(),
+            size=size, identity=model.identity, mask=req.mask is not None or bool(req.outpaint), mask_blur=req.mask_blur, outpaint=req.outpaint,
+            model=model.source.id, model_label=model.source.label,
+        )  # fmt: skip
 
     def _note(self, job: Job, note: str) -> None:
         with self._cond:

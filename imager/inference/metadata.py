@@ -48,6 +48,38 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def image_params(
+    *,
+    prompt: str,
+    negative_prompt: str,
+    seed: int,
+    sampling: Any,
+    use_sr: bool,
+    mode: str,
+    size: int,
+    identity: Mapping[str, str],
+    mask: bool = False,
+    mask_blur: float | None = None,
+    outpaint: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The parameters an image records: the request as it was sampled (``sampling``, a
+    :class:`~imager.inference.config.CascadeSampling`, with every default filled in), the model's
+    ``identity`` and Imager's version; None values are left out."""
+    import time
+
+    edit = mode != "text"
+    params = {
+        "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "sampler": sampling.sampler,
+        "steps": sampling.base.steps, "guidance": sampling.base.guidance, "threshold": sampling.base.threshold,
+        "sr_steps": sampling.sr.steps if use_sr else None, "sr_guidance": sampling.sr.guidance if use_sr else None, "use_sr": use_sr,
+        "mode": mode, "strength": sampling.strength if edit else None, "sr_strength": sampling.sr_strength if edit and use_sr else None,
+        "resample": sampling.resample if mask else None, "mask_blur": mask_blur if edit else None, "outpaint": outpaint if edit else None,
+        "size": size, **extra, **identity, "imager_version": imager_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }  # fmt: skip
+    return {k: v for k, v in params.items() if v is not None}
+
+
 def png_info(params: Mapping[str, Any]):
     """A ``PngInfo`` with one text chunk per parameter (None and empty values left out) and the
     JSON of all of them in the ``imager`` chunk."""

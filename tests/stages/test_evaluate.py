@@ -22,6 +22,7 @@ from imager.errors import CheckpointError
 from imager.inference import Cascade, encode_prompts
 from imager.inference.cascade import encode_negative
 from imager.inference.images import to_hwc
+from imager.inference.metadata import file_sha256, read_params
 from imager.text import load_text_encoder
 from stages.app import app
 from tests.stages.conftest import DATA_PARAMS
@@ -194,12 +195,21 @@ def test_generate_same_seed_same_image(cascade, tmp_path):
     a, b, c = (pixels(tmp_path / f"{n}.png") for n in "abc")
     assert a.shape == (16, 16, 3)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+    # The PNG records what made it, the model files by their hashes (what `imager ui` restores).
+    meta = read_params(tmp_path / "a.png")
+    assert meta["prompt"] == "red heart" and meta["seed"] == 3 and meta["mode"] == "text" and meta["size"] == 16
+    assert meta["base_sha256"] == file_sha256(cascade["base"] / "model.safetensors")
+    assert meta["sr_sha256"] == file_sha256(cascade["sr"] / "model.safetensors")
+    assert "batch_index" not in meta and read_params(tmp_path / "c.png")["seed"] == 4
 
 
 def test_generate_options(cascade, tmp_path):
     out = invoke(*gen_args(cascade, tmp_path / "many.png", "--num", "2", "--sampler", "ddim", "--steps", "2"))
     assert {p.name for p in tmp_path.iterdir()} == {"many-0.png", "many-1.png"}
     assert "many-0.png" in out
+    first, second = (read_params(tmp_path / f"many-{i}.png") for i in range(2))
+    assert first["sampler"] == second["sampler"] == "ddim" and first["steps"] == 2
+    assert (first["seed"], first["batch_index"], second["seed"], second["batch_index"]) == (0, 0, 0, 1)  # one batch, one seed
     invoke(*gen_args(cascade, tmp_path / "low.png", "--no-sr"))
     assert pixels(tmp_path / "low.png").shape == (8, 8, 3)
 
