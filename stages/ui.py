@@ -77,7 +77,7 @@ def ui(
     app = create_app(engine, auth=credentials, token=token, ui=not api_only, defaults=form_defaults(p))
     shown = "localhost" if host in ("0.0.0.0", "::") else host
     typer.echo(f"Imager at http://{shown}:{port}/  (API: http://{shown}:{port}/api/v1/docs; Ctrl+C stops)", err=True)
-    engine.start()
+    engine.start(preload=True)  # the default model loads while the server starts
     try:
         serve(app, host=host, port=port)
     finally:

@@ -171,11 +171,13 @@ class Engine:
             return {"queued": len(self._queue), "running": running, "completed": self.completed, "loaded_models": self.models.loaded()}
 
     # --- lifecycle -----------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, preload: bool = False) -> None:
+        """Start the worker; ``preload``: it loads the default model first, so that the first
+        request does not wait for it (a request queued meanwhile waits for the load)."""
         with self._cond:
             if self._worker is None or not self._worker.is_alive():
                 self._closed = False
-                self._worker = threading.Thread(target=self._run, name="imager-engine", daemon=True)
+                self._worker = threading.Thread(target=self._run, args=(preload,), name="imager-engine", daemon=True)
                 self._worker.start()
 
     def close(self, timeout: float = 30.0) -> None:
@@ -192,7 +194,12 @@ class Engine:
             self._worker.join(timeout)
 
     # --- the worker ----------------------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, preload: bool = False) -> None:
+        if preload:
+            try:
+                self.models.load(None)
+            except Exception as exc:  # noqa: BLE001 - a request for it will say why; the server keeps serving the others
+                log.error("the default model did not load: %s", exc)
         while True:
             with self._cond:
                 while not self._queue and not self._closed:

@@ -7,6 +7,7 @@ import base64
 import io
 import sys
 import threading
+import time
 
 import mlflow
 import numpy as np
@@ -252,4 +253,15 @@ def test_registry_lists_and_loads_the_cascades_logged_to_mlflow(model_files, tmp
     job, _ = run_job(engine, {"prompt": "red apple", "seed": 1, "model": source.id})
     assert job.state == "done", job.error
     assert job.results[0].params["mlflow_run_id"] == logged.info.run_id and job.results[0].params["model_uri"] == info.model_uri
+    engine.close()
+
+
+def test_preload_loads_the_default_model_before_any_request(model_files, tmp_path):
+    engine = make_engine(model_files, tmp_path)
+    assert engine.models.loaded() == []
+    engine.start(preload=True)
+    deadline = time.monotonic() + 60
+    while not engine.models.loaded() and time.monotonic() < deadline:  # no request was made
+        time.sleep(0.05)
+    assert engine.models.loaded() == ["workspace"]
     engine.close()
