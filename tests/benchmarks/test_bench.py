@@ -337,7 +337,7 @@ def test_a_quick_run_cannot_be_published(outputs):
 def test_unknown_comparison_is_a_one_line_error(tmp_path):
     result = runner.invoke(app, ["--quick", "--only", "speed", "--json", str(tmp_path / "b.json")])
     assert result.exit_code == 1
-    assert "--only: unknown comparison 'speed'; valid: training, sampling, cache, data, quality" in result.output
+    assert "--only: unknown comparison 'speed'; valid: training, sampling, cache, data, ui, quality" in result.output
     assert not (tmp_path / "b.json").exists()
 
 
@@ -355,7 +355,7 @@ def test_quick_run_through_the_command_writes_the_results_folder(tmp_path, outpu
     pytest.importorskip("diffusers")
     result = runner.invoke(app, [
         "--quick", "--threads", "1", "--shards", str(tmp_path / "no-shards"), "--embeddings", str(tmp_path / "no-cache"),
-        "--params", str(REPO / "params.yaml"),
+        "--params", str(REPO / "params.yaml"), "--base-model", str(tmp_path / "no-base"), "--sr-model", str(tmp_path / "no-sr"),
     ], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert not outputs["published"].exists()
@@ -402,3 +402,4 @@ def test_quick_run_through_the_command_writes_the_results_folder(tmp_path, outpu
     assert report["settings"]["quick"] is True
     if "other_processes_cpu_share" in machine:  # Linux
         assert 0.0 <= machine["other_processes_cpu_share"] <= 1.0
+    assert any(note.startswith("Web app: not measured; it serves the trained cascade") for note in report["notes"])
