@@ -6,7 +6,7 @@ VENV   ?= .venv
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install repro lint test test-fast bench mlflow-ui clean-venv
+.PHONY: install repro lint browser test test-fast bench mlflow-ui clean-venv
 
 install: $(STAMP)
 
@@ -22,7 +22,12 @@ repro: install            ## run the whole DVC pipeline on the embedded default 
 lint: install             ## ruff (its settings are in pyproject.toml)
 	ruff check .
 
-test: lint                ## the linter, then the whole test suite (what CI runs)
+browser:                  ## Chromium for the browser tests (tests/browser/): apt-get installs it when missing, as root
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium; \
+	else echo "Chromium is missing: the browser tests will be skipped. Install it as root: apt-get install chromium (or sudo make browser)"; fi
+
+test: lint browser        ## the linter, then the whole test suite (what CI runs)
 	python -m pytest $(PYTEST_ARGS)
 
 test-fast: lint           ## the linter, then the tests outside the slow tier (no end-to-end training or dvc repro)
