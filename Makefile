@@ -24,7 +24,7 @@ lint: install             ## ruff (its settings are in pyproject.toml)
 
 browser:                  ## Chromium for the browser tests (tests/browser/): apt-get installs it when missing, as root
 	@if [ -x /usr/bin/chromium ]; then :; \
-	elif [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
 	else echo "Chromium is missing: the browser tests will be skipped. Install it as root: apt-get install chromium (or sudo make browser)"; fi
 
 test: lint browser        ## the linter, then the whole test suite (what CI runs)

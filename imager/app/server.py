@@ -102,7 +102,9 @@ def create_app(engine: Engine, *, auth: tuple[str, str] | None = None, token: st
         def root() -> RedirectResponse:
             return RedirectResponse(UI_PATH + "/")
 
-        app = gr.mount_gradio_app(app, build_ui(engine, defaults=defaults), path=UI_PATH, allowed_paths=[], show_error=True)
+        page = build_ui(engine, defaults=defaults)
+        # Uploads past the limit are refused by Gradio too; no folder of this machine is served.
+        app = gr.mount_gradio_app(app, page, path=UI_PATH, allowed_paths=[], show_error=True, max_file_size=engine.limits.upload_bytes)
     app.add_middleware(Guard, auth=auth, token=token, max_body=2 * engine.limits.upload_bytes + 65536)
     app.state.engine = engine
     return app
