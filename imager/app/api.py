@@ -36,6 +36,7 @@ from imager.app.history import NotFoundError
 from imager.app.request import GenerateRequest
 from imager.errors import ImagerError
 
+FINISHED = ("done", "cancelled", "failed")
 EXAMPLE = {"prompt": "red apple", "negative_prompt": "", "seed": 3, "steps": 20, "num_images": 1}
 
 
@@ -110,13 +111,13 @@ def router(engine: Engine) -> APIRouter:
             version, sent_preview = -1, -1
             while True:
                 version = await asyncio.to_thread(engine.wait, job, version, 10.0)
-                state = job.describe()
-                if previews and job.preview is not None and job.preview_count != sent_preview:
+                state = job.describe()  # one snapshot: the job may finish while it is sent
+                finished = state["state"] in FINISHED
+                if previews and job.preview is not None and state["preview_count"] != sent_preview:
                     state["preview_png"] = base64.b64encode(job.preview).decode()
-                    sent_preview = job.preview_count
-                kind = state["state"] if job.finished_state else "progress"
-                yield f"event: {kind}\ndata: {json.dumps(state)}\n\n"
-                if job.finished_state:
+                    sent_preview = state["preview_count"]
+                yield f"event: {state['state'] if finished else 'progress'}\ndata: {json.dumps(state)}\n\n"
+                if finished:
                     return
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})

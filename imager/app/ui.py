@@ -184,8 +184,8 @@ def follow(engine: Engine, job: Job, poll_s: float = 1.0, frame_s: float = FRAME
             time.sleep(max(0.0, last + frame_s - time.monotonic()))
             version = engine.wait(job, version, poll_s)
             last = time.monotonic()
-            info = job.describe()
-            done = job.finished_state
+            info = job.describe()  # one snapshot: the job may finish while this frame is built
+            done = info["state"] in ("done", "cancelled", "failed")
             frame = Frame(job.id, info["state"], progress_line(info), info["progress"]["fraction"], info["seed"], error=info["error"], notes=info["notes"])
             if (info["preview_count"] != shown_preview or done) and job.preview is not None:
                 frame.preview, shown_preview = job.preview, info["preview_count"]

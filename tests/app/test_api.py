@@ -153,3 +153,23 @@ def test_credentials(api):
     assert httpx.get(f"{url}/api/v1/health", headers=AUTH).json()["api"] == "v1"
     schema = httpx.get(f"{url}/api/v1/openapi.json", headers=AUTH).json()
     assert {"/api/v1/generate", "/api/v1/jobs/{id}/events", "/api/v1/jobs/{id}/cancel"} <= set(schema["paths"])
+
+
+def test_the_events_end_with_the_final_state_when_the_job_ends_during_a_snapshot(model_files, tmp_path):
+    engine = make_engine(model_files, tmp_path)
+    engine._worker = threading.Thread()  # no worker: the test finishes the job itself
+    engine._worker.is_alive = lambda: True
+    job = engine.submit({"prompt": "red apple"})
+    snapshot = job.describe
+
+    def finishing_describe():  # the worker finishes the job right after the first snapshot is taken
+        state = snapshot()
+        if job.state == "queued":
+            engine._finish(job, "done")
+        return state
+
+    job.describe = finishing_describe
+    with Server(create_app(engine, ui=False)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        seen = events(client, job.id)
+    assert [kind for kind, _ in seen] == ["progress", "done"]
+    assert seen[0][1]["state"] == "queued" and seen[-1][1]["state"] == "done"

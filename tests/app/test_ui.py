@@ -264,3 +264,22 @@ def test_gradio_client_generates_through_the_page(engine):
     (entry,) = engine.history.entries()
     assert seed == "11" and entry.params["seed"] == 11 and entry.params["steps"] == 4
     assert 'data-state="done"' in progress and len(images) == 1 and preview is not None
+
+
+def test_the_last_frame_is_the_final_state_when_the_job_ends_during_a_snapshot(engine):
+    import threading
+
+    engine._worker = threading.Thread()  # no worker: the test finishes the job itself
+    engine._worker.is_alive = lambda: True
+    job = engine.submit({"prompt": "red apple"})
+    snapshot = job.describe
+
+    def finishing_describe():  # the worker finishes the job right after the first snapshot is taken
+        state = snapshot()
+        if job.state == "queued":
+            engine._finish(job, "done")
+        return state
+
+    job.describe = finishing_describe
+    frames = list(ui.follow(engine, job, poll_s=1.0, frame_s=0.0))
+    assert [f.state for f in frames] == ["queued", "done"]
