@@ -282,4 +282,5 @@ def test_the_last_frame_is_the_final_state_when_the_job_ends_during_a_snapshot(e
 
     job.describe = finishing_describe
     frames = list(ui.follow(engine, job, poll_s=1.0, frame_s=0.0))
+    engine._worker = None  # nothing to join when the fixture closes the engine
     assert [f.state for f in frames] == ["queued", "done"]
