@@ -62,13 +62,16 @@ def ui_server(base: Path, sr: Path, params: Path, history: Path):
     port = _free_port()
     cmd = [sys.executable, "-m", "stages.app", "ui", "--port", str(port), "--no-mlflow", "--history", str(history),
            "--params", str(params), "--base", str(base), "--sr", str(sr), "--device", "cpu"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    history.mkdir(parents=True, exist_ok=True)
+    log_path = history.parent / "server.log"  # a file, not a pipe: a pipe nobody reads would stall the server once full
+    log_file = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in the finally below
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"imager ui exited: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+                raise RuntimeError(f"imager ui exited: {log_path.read_text(encoding='utf-8')[-2000:]}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{url}/api/v1/health", timeout=2).status_code == 200:
                     break
@@ -82,31 +85,28 @@ def ui_server(base: Path, sr: Path, params: Path, history: Path):
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log_file.close()
 
 
-def server_request(url: str, prompt: str, seed: int) -> dict[str, float]:
-    """Seconds from the POST to the first preview, the SR stage and the fetched PNG."""
-    import httpx
-
+def server_request(client, prompt: str, seed: int) -> dict[str, float]:
+    """Seconds from the POST to the first preview, the SR stage and the fetched PNG, through an
+    open ``httpx.Client`` (a page or a script keeps its connection)."""
     marks: dict[str, float] = {}
     start = time.perf_counter()
-    with httpx.Client(base_url=url, timeout=600) as client:
-        job = client.post("/api/v1/generate", json={"prompt": prompt, "seed": seed}).json()
-        with client.stream("GET", f"/api/v1/jobs/{job['id']}/events") as events:
-            for line in events.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                state = json.loads(line[6:])
-                now = time.perf_counter() - start
-                if state["preview_count"] >= 1:
-                    marks.setdefault("first_preview", now)
-                if state["progress"]["stage"] in ("sr", "saving", "done"):
-                    marks.setdefault("base_image", now)
-                if state["state"] != "running" and state["state"] != "queued":
-                    break
-        if state["state"] != "done":
-            raise RuntimeError(f"the server's job ended {state['state']}: {state.get('error')}")
-        client.get(state["images"][0]["url"]).raise_for_status()
+    job = client.post("/api/v1/generate", json={"prompt": prompt, "seed": seed}).json()
+    with client.stream("GET", f"/api/v1/jobs/{job['id']}/events") as events:
+        for line in events.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            state = json.loads(line[6:])
+            now = time.perf_counter() - start
+            if state["preview_count"] >= 1:
+                marks.setdefault("first_preview", now)
+            if state["progress"]["stage"] in ("sr", "saving", "done"):
+                marks.setdefault("base_image", now)
+    if state["state"] != "done":
+        raise RuntimeError(f"the server's job ended {state['state']}: {state.get('error')}")
+    client.get(state["images"][0]["url"]).raise_for_status()
     marks["final_image"] = time.perf_counter() - start
     return marks
 
@@ -164,6 +164,7 @@ print([line.split()[1] for line in open("/proc/self/status") if line.startswith(
 
 def bench_ui(base: Path, sr: Path, params_path: Path, *, repeats: int, warmup: int, clients: int, per_client: int, tmp: Path) -> list[Comparison]:
     """The five rows of the comparison (see the module's docstring)."""
+    import httpx
     from tqdm.auto import tqdm
 
     from imager.config import load
@@ -171,11 +172,11 @@ def bench_ui(base: Path, sr: Path, params_path: Path, *, repeats: int, warmup: i
     p = load(params_path)
     direct = Direct(base, sr, p, tmp / "direct")
     times: dict[str, dict[str, list[float]]] = {"server": {}, "direct": {}}
-    with ui_server(base, sr, params_path, tmp / "history") as (url, proc):
+    with ui_server(base, sr, params_path, tmp / "history") as (url, proc), httpx.Client(base_url=url, timeout=600) as page:
         for round_ in tqdm(range(warmup + repeats), desc="ui latency", unit="round", leave=False):
             prompt, seed = PROMPTS[round_ % len(PROMPTS)], 1000 + round_
             for side in ("server", "direct"):
-                marks = server_request(url, prompt, seed) if side == "server" else direct.request(prompt, seed)
+                marks = server_request(page, prompt, seed) if side == "server" else direct.request(prompt, seed)
                 if round_ >= warmup:
                     for key, value in marks.items():
                         times[side].setdefault(key, []).append(value)
@@ -183,9 +184,10 @@ def bench_ui(base: Path, sr: Path, params_path: Path, *, repeats: int, warmup: i
         done: list[float] = []
 
         def client(i: int) -> None:
-            for k in range(per_client):
-                server_request(url, PROMPTS[(i + k) % len(PROMPTS)], 2000 + i * per_client + k)
-                done.append(time.perf_counter())
+            with httpx.Client(base_url=url, timeout=600) as own:
+                for k in range(per_client):
+                    server_request(own, PROMPTS[(i + k) % len(PROMPTS)], 2000 + i * per_client + k)
+                    done.append(time.perf_counter())
 
         start = time.perf_counter()
         threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]

@@ -4,7 +4,8 @@
 POST    /api/v1/generate                  queue a request (JSON :class:`GenerateRequest`); 202 + the job.
                                           ``?wait=true``: answer when it is finished, images inlined.
 GET     /api/v1/jobs/{id}                 the job: state, queue position, progress, ETA, images, error
-GET     /api/v1/jobs/{id}/events          the same as server-sent events, one per change, until it ends
+GET     /api/v1/jobs/{id}/events          the same as server-sent events until it ends (at most one per
+                                          ``?interval=`` seconds, 0.1 by default; the last always)
 GET     /api/v1/jobs/{id}/preview.png     the latest live preview (x̂0 of the current step)
 POST    /api/v1/jobs/{id}/cancel          stop it (within one denoiser call; finished images are kept)
 GET     /api/v1/history                   the newest images with their parameters (``?limit=``)
@@ -25,18 +26,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
-from imager.app.engine import Engine, QueueFullError
+from imager.app.engine import FINISHED, Engine, QueueFullError, milestone
 from imager.app.history import NotFoundError
 from imager.app.request import GenerateRequest
 from imager.errors import ImagerError
 
-FINISHED = ("done", "cancelled", "failed")
 EXAMPLE = {"prompt": "red apple", "negative_prompt": "", "seed": 3, "steps": 20, "num_images": 1}
 
 
@@ -104,19 +105,29 @@ def router(engine: Engine) -> APIRouter:
         return engine.cancel(id).describe()
 
     @api.get("/jobs/{id}/events")
-    async def events(id: str, previews: bool = Query(False, description="Inline each preview as base64 PNG.")) -> StreamingResponse:
+    async def events(
+        id: str,
+        previews: Annotated[bool, Query(description="Inline each new preview as base64 PNG.")] = False,
+        interval: Annotated[float, Query(ge=0, le=60, description="Seconds between events at least (the last one is always sent).")] = 0.1,
+    ) -> StreamingResponse:
         job = engine.job(id)
 
         async def stream():
-            version, sent_preview = -1, -1
+            version, sent, last = -1, -float("inf"), None
             while True:
                 version = await asyncio.to_thread(engine.wait, job, version, 10.0)
                 state = job.describe()  # one snapshot: the job may finish while it is sent
+                if not milestone(state, last):  # a step of the same stage: at most one event per interval
+                    pause = sent + interval - time.monotonic()
+                    if pause > 0:
+                        await asyncio.sleep(pause)
+                        state = job.describe()
+                        version = state["version"]
                 finished = state["state"] in FINISHED
-                if previews and job.preview is not None and state["preview_count"] != sent_preview:
+                if previews and job.preview is not None and state["preview_count"] != (last or {}).get("preview_count", 0):
                     state["preview_png"] = base64.b64encode(job.preview).decode()
-                    sent_preview = state["preview_count"]
                 yield f"event: {state['state'] if finished else 'progress'}\ndata: {json.dumps(state)}\n\n"
+                sent, last = time.monotonic(), state
                 if finished:
                     return
 

@@ -31,6 +31,7 @@ from imager.errors import ConfigError, ImagerError
 
 log = logging.getLogger("imager")
 STATES = ("queued", "running", "done", "cancelled", "failed")
+FINISHED = ("done", "cancelled", "failed")
 KEEP_JOBS = 200  # finished jobs remembered for their clients
 
 
@@ -399,6 +400,13 @@ class Engine:
         finished = [k for k, j in self._jobs.items() if j.finished_state]
         for key in finished[: max(0, len(self._jobs) - KEEP_JOBS)]:
             del self._jobs[key]
+
+
+def milestone(state: dict[str, Any], last: dict[str, Any] | None) -> bool:
+    """An event a client should get at once: the first one, a new state or stage, the first preview."""
+    if last is None or state["state"] != last["state"] or state["state"] in FINISHED:
+        return True
+    return state["progress"]["stage"] != last["progress"]["stage"] or (state["preview_count"] > 0 and last["preview_count"] == 0)
 
 
 def _png(pixels: np.ndarray) -> bytes:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from imager.app.engine import Engine, Job
+from imager.app.engine import FINISHED, Engine, Job, milestone
 from imager.app.history import Entry, NotFoundError
 from imager.app.request import IMG2IMG_STRENGTH, recalled
 from imager.errors import ConfigError
@@ -178,14 +178,19 @@ def follow(engine: Engine, job: Job, poll_s: float = 1.0, frame_s: float = FRAME
     until it ends; the last frame carries the final images, preview and seed whatever was shown
     before. A follower closed before the end (the page went away) stops the job: nobody would
     see its images appear."""
-    version, shown_preview, shown_images, last = -1, 0, 0, -float("inf")
+    version, shown_preview, shown_images, last, previous = -1, 0, 0, -float("inf"), None
     try:
         while True:
-            time.sleep(max(0.0, last + frame_s - time.monotonic()))
             version = engine.wait(job, version, poll_s)
-            last = time.monotonic()
             info = job.describe()  # one snapshot: the job may finish while this frame is built
-            done = info["state"] in ("done", "cancelled", "failed")
+            if not milestone(info, previous):  # a step of the same stage: at most one frame per frame_s
+                pause = last + frame_s - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+                    info = job.describe()
+                    version = info["version"]
+            last, previous = time.monotonic(), info
+            done = info["state"] in FINISHED
             frame = Frame(job.id, info["state"], progress_line(info), info["progress"]["fraction"], info["seed"], error=info["error"], notes=info["notes"])
             if (info["preview_count"] != shown_preview or done) and job.preview is not None:
                 frame.preview, shown_preview = job.preview, info["preview_count"]
