@@ -120,7 +120,7 @@ def router(engine: Engine) -> APIRouter:
                 if not milestone(state, last):  # a step of the same stage: at most one event per interval
                     pause = sent + interval - time.monotonic()
                     if pause > 0:
-                        await asyncio.sleep(pause)
+                        await asyncio.to_thread(engine.wait_milestone, job, last, pause)
                         state = job.describe()
                         version = state["version"]
                 finished = state["state"] in FINISHED

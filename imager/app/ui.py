@@ -186,7 +186,7 @@ def follow(engine: Engine, job: Job, poll_s: float = 1.0, frame_s: float = FRAME
             if not milestone(info, previous):  # a step of the same stage: at most one frame per frame_s
                 pause = last + frame_s - time.monotonic()
                 if pause > 0:
-                    time.sleep(pause)
+                    engine.wait_milestone(job, previous, pause)
                     info = job.describe()
                     version = info["version"]
             last, previous = time.monotonic(), info
