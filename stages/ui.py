@@ -8,7 +8,6 @@ and offers every `cascade` model the evaluate runs logged to MLflow as well.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -34,7 +33,7 @@ def ui(
     model: Annotated[list[str] | None, typer.Option(help="An MLflow model URI (runs:/ID/cascade, models:/...) or run id to offer; the first is the default. Repeatable.", rich_help_panel=MODELS)] = None,
     mlflow_models: Annotated[bool, typer.Option("--mlflow/--no-mlflow", help="Also offer every cascade logged to the MLflow store.", rich_help_panel=MODELS)] = True,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda[:i].", rich_help_panel=MODELS)] = "auto",
-    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads of the sampling worker. Default: every core but one, which the server's own threads need.", rich_help_panel=MODELS)] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads of the sampling worker. Default: torch's (the cores).", rich_help_panel=MODELS)] = None,
     history: Annotated[Path, typer.Option(help="Folder of the generated PNGs (each with its parameters).")] = Path("outputs/history"),
     max_steps: Annotated[int, typer.Option(min=1, help="Most sampling steps a request may ask for.", rich_help_panel=LIMITS)] = 200,
     max_images: Annotated[int, typer.Option(min=1, help="Most images per request.", rich_help_panel=LIMITS)] = 8,
@@ -73,7 +72,7 @@ def ui(
     limits = Limits(prompt_chars=max_prompt, steps=max_steps, images=max_images, upload_bytes=int(max_upload_mb * 1e6), queue=queue)
     if history.exists() and not history.is_dir():
         raise ConfigError(f"--history: {history} is a file, not a folder")
-    engine = Engine(registry, History(history), limits, threads=threads or max(1, (os.cpu_count() or 1) - 1))
+    engine = Engine(registry, History(history), limits, threads=threads)
     if not is_loopback(host):
         log.warning("listening on %s: anyone who can reach this machine can use the app%s", host, "" if credentials or token else "; protect it with --auth")
     app = create_app(engine, auth=credentials, token=token, ui=not api_only, defaults=form_defaults(p))

@@ -108,7 +108,7 @@ def router(engine: Engine) -> APIRouter:
     async def events(
         id: str,
         previews: Annotated[bool, Query(description="Inline each new preview as base64 PNG.")] = False,
-        interval: Annotated[float, Query(ge=0, le=60, description="Seconds between events at least (the last one is always sent).")] = 0.1,
+        interval: Annotated[float, Query(ge=0, le=60, description="Seconds between progress events at least (a new stage, the first preview and the end come at once).")] = 0.25,
     ) -> StreamingResponse:
         job = engine.job(id)
 

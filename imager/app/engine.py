@@ -99,10 +99,8 @@ class Job:
 class Engine:
     """The queue and its worker thread (started by :meth:`start`, or by the first :meth:`submit`).
 
-    ``threads``: torch's CPU threads while the worker samples (None: torch's default). Sampling
-    in a thread other than the main one, as a server must, with as many OpenMP threads as cores
-    leaves no core to the server's own threads; on this project's 2-core CPU one thread samples
-    the default cascade as fast as ``imager generate`` does with two (the benchmark's ui rows).
+    ``threads``: torch's CPU threads while the worker samples (None: torch's default), for a
+    server that shares its cores with other work.
     """
 
     def __init__(self, models: ModelRegistry, history: History, limits: Limits | None = None, *, threads: int | None = None):
