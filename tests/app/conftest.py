@@ -109,3 +109,23 @@ class Server:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+def job_ending_at_first_snapshot(engine: Engine):
+    """A queued job that the engine finishes right after its first snapshot is taken (as the worker
+    may at any moment); the engine has no worker, so nothing else changes the job."""
+    import threading
+
+    engine._worker = threading.Thread()  # no worker: the job is finished by its snapshot
+    engine._worker.is_alive = lambda: True
+    job = engine.submit({"prompt": "red apple"})
+    snapshot = job.describe
+
+    def finishing_describe():
+        state = snapshot()
+        if job.state == "queued":
+            engine._finish(job, "done")
+        return state
+
+    job.describe = finishing_describe
+    return job

@@ -15,7 +15,7 @@ from PIL import Image
 
 from imager.app.request import Limits
 from imager.app.server import create_app
-from tests.app.conftest import Server, make_engine, picture
+from tests.app.conftest import Server, job_ending_at_first_snapshot, make_engine, picture
 
 TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -157,18 +157,7 @@ def test_credentials(api):
 
 def test_the_events_end_with_the_final_state_when_the_job_ends_during_a_snapshot(model_files, tmp_path):
     engine = make_engine(model_files, tmp_path)
-    engine._worker = threading.Thread()  # no worker: the test finishes the job itself
-    engine._worker.is_alive = lambda: True
-    job = engine.submit({"prompt": "red apple"})
-    snapshot = job.describe
-
-    def finishing_describe():  # the worker finishes the job right after the first snapshot is taken
-        state = snapshot()
-        if job.state == "queued":
-            engine._finish(job, "done")
-        return state
-
-    job.describe = finishing_describe
+    job = job_ending_at_first_snapshot(engine)
     with Server(create_app(engine, ui=False)) as url, httpx.Client(base_url=url, timeout=60) as client:
         seen = events(client, job.id)
     assert [kind for kind, _ in seen] == ["progress", "done"]

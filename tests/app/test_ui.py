@@ -15,7 +15,7 @@ from PIL import Image
 from imager.app import ui
 from imager.app.request import parse_request
 from imager.errors import ConfigError
-from tests.app.conftest import Server, picture
+from tests.app.conftest import Server, job_ending_at_first_snapshot, picture
 
 TEXT = {"prompt": "red apple", "negative_prompt": "blurry", "mode": "text", "seed": 7.0, "sampler": "ddim", "steps": 3.0, "guidance": 2.5,
         "num_images": 1.0, "threshold": "static", "use_sr": True, "sr_steps": 2.0, "sr_guidance": 1.5, "model": "workspace", "preview_every": 1}  # fmt: skip
@@ -267,20 +267,7 @@ def test_gradio_client_generates_through_the_page(engine):
 
 
 def test_the_last_frame_is_the_final_state_when_the_job_ends_during_a_snapshot(engine):
-    import threading
-
-    engine._worker = threading.Thread()  # no worker: the test finishes the job itself
-    engine._worker.is_alive = lambda: True
-    job = engine.submit({"prompt": "red apple"})
-    snapshot = job.describe
-
-    def finishing_describe():  # the worker finishes the job right after the first snapshot is taken
-        state = snapshot()
-        if job.state == "queued":
-            engine._finish(job, "done")
-        return state
-
-    job.describe = finishing_describe
+    job = job_ending_at_first_snapshot(engine)
     frames = list(ui.follow(engine, job, poll_s=1.0, frame_s=0.0))
     engine._worker = None  # nothing to join when the fixture closes the engine
     assert [f.state for f in frames] == ["queued", "done"]

@@ -41,7 +41,8 @@ def typed_body(filename: str) -> bytes:
     if ext in PAGES:
         return PAGES[ext]
     buf = io.BytesIO()
-    Image.open(io.BytesIO(png(name, 6, 4))).save(buf, format=FORMATS[ext])
+    extra = {"sizes": [(6, 4)]} if ext == "ico" else {}  # Pillow < 13 writes an empty icon for an image below its 16 px default sizes
+    Image.open(io.BytesIO(png(name, 6, 4))).save(buf, format=FORMATS[ext], **extra)
     return buf.getvalue()
 
 
