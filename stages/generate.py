@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from imager.app.request import IMG2IMG_STRENGTH  # the one default of every img2img entry point
 from imager.errors import ConfigError
 from stages._common import ParamsOption, load_params, user_errors
 
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("imager")
 SAMPLING = "Sampling (default: params.yaml `sampler` and `evaluate`)"
 IMAGE = "Image input"
-IMG2IMG_STRENGTH = 0.75  # AUTOMATIC1111's default denoising strength: keeps the layout, redraws the detail
 
 
 @user_errors
