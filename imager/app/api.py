@@ -35,7 +35,6 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 
 from imager.app.engine import FINISHED, Engine, QueueFullError, milestone
 from imager.app.history import NotFoundError
-from imager.app.request import GenerateRequest
 from imager.errors import ImagerError
 
 EXAMPLE = {"prompt": "red apple", "negative_prompt": "", "seed": 3, "steps": 20, "num_images": 1}
@@ -163,4 +162,4 @@ def finished(job) -> dict[str, Any]:
     return out
 
 
-__all__ = ["GenerateRequest", "install_errors", "router"]
+__all__ = ["install_errors", "router"]

@@ -30,7 +30,6 @@ from imager.app.request import GenerateRequest, Limits, check_request, decode_up
 from imager.errors import ConfigError, ImagerError
 
 log = logging.getLogger("imager")
-STATES = ("queued", "running", "done", "cancelled", "failed")
 FINISHED = ("done", "cancelled", "failed")
 KEEP_JOBS = 200  # finished jobs remembered for their clients
 
