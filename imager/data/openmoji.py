@@ -5,11 +5,22 @@ font with Pillow (``embedded_color=True``; libraqm shapes ZWJ sequences and flag
 square, and captioned with its CLDR short name from the ``emoji`` package. Flags read
 "flag: Japan". Entries the ``emoji`` package has no name for (OpenMoji's extra, non-Unicode
 glyphs) are skipped with reason ``no_name``.
+
+``style: line`` draws the same emoji as line art instead: the package's SVG of each hexcode is cut
+down to its black outline groups and rendered with resvg-py, black on white, at the same size and
+under the same key as the colour image, so the two styles pair up by key. The outline groups are
+``line`` and ``line-supplement`` (the black version of strokes the colour design draws in colour,
+such as the letter of the A button); OpenMoji's own black set keeps the same two. The colour, skin,
+hair and other groups are dropped from the XML before rendering, so no colour can reach the image.
+Skin tones and most flags differ only in colour, so in line art they share one image. SVGs whose
+outline groups are empty are skipped with reason ``no_line_art``; ones that cannot be read, parsed
+or rendered with ``bad_svg``.
 """
 
 from __future__ import annotations
 
 import io
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +34,17 @@ from imager.errors import SourceError
 LICENCE = "CC BY-SA 4.0"
 _REGIONAL = range(0x1F1E6, 0x1F1FF + 1)
 _TAGS = range(0xE0020, 0xE007F + 1)
+_SVG_NS = "{http://www.w3.org/2000/svg}"
+# The groups that make up OpenMoji's black (line-art) version; every other group carries colour.
+LINE_GROUPS = ("line", "line-supplement")
+
+
+class LineArtError(Exception):
+    """An SVG that gives no line-art image; ``reason`` is the skip reason."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
 
 
 def _data_dir() -> Path:
@@ -86,6 +108,58 @@ def render(hexcode: str, resolution: int, font: str = "colr0") -> Image.Image:
     return image
 
 
+def svg_path(hexcode: str) -> Path:
+    return _data_dir() / "svg" / f"{hexcode}.svg"
+
+
+def line_svg(svg_text: str) -> str:
+    """The SVG reduced to its outline groups (and ``<defs>``, which they may reference), as text.
+
+    Raises :class:`LineArtError` with ``bad_svg`` when the text is not an SVG document, and with
+    ``no_line_art`` when no outline group holds an element.
+    """
+    try:
+        root = ET.fromstring(svg_text)
+    except ET.ParseError as exc:
+        raise LineArtError("bad_svg", str(exc)) from None
+    if root.tag != f"{_SVG_NS}svg":
+        raise LineArtError("bad_svg", f"root element is {root.tag}, not svg")
+    groups = [el for el in root.iter() if el.get("id") in LINE_GROUPS]
+    if not any(len(group) for group in groups):
+        raise LineArtError("no_line_art")
+    defs = [el for el in root if el.tag == f"{_SVG_NS}defs"]
+    for child in list(root):
+        root.remove(child)
+    root.extend(defs + groups)  # a group nested in a colour group is lifted out of it
+    return ET.tostring(root, encoding="unicode")
+
+
+def render_line(svg: str | Path, resolution: int) -> Image.Image:
+    """The outline groups of an SVG (its text, or a :class:`Path` to it) as an RGB image of
+    ``resolution``² pixels, black on white. Raises :class:`LineArtError` when there is nothing to draw
+    (``no_line_art``) or the SVG cannot be read or rendered (``bad_svg``)."""
+    try:
+        import resvg_py
+    except ImportError:
+        raise SourceError("the openmoji line style needs the package resvg-py: pip install resvg-py") from None
+    if isinstance(svg, Path):
+        try:
+            svg = svg.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LineArtError("bad_svg", str(exc)) from None
+    text = line_svg(svg)
+    try:
+        # No system fonts: the outlines hold no text, and the image must not depend on the machine.
+        png = resvg_py.svg_to_bytes(svg_string=text, width=resolution, height=resolution, background="#ffffff", skip_system_fonts=True)
+    except (ValueError, RuntimeError) as exc:
+        raise LineArtError("bad_svg", str(exc)) from None
+    with Image.open(io.BytesIO(png)) as drawn:
+        drawn = drawn.convert("RGBA")
+    image = Image.new("RGB", (resolution, resolution), "white")  # a non-square viewBox is centred
+    image.paste(drawn, ((resolution - drawn.width) // 2, (resolution - drawn.height) // 2), drawn)
+    return image
+
+
 def iter_openmoji(cfg: OpenMojiSource, resolution: int, limit: int | None) -> tuple[Iterator[Sample | Skip], int]:
     codes = hexcodes()[:limit]
     version = package_version()
@@ -97,8 +171,16 @@ def iter_openmoji(cfg: OpenMojiSource, resolution: int, limit: int | None) -> tu
             if text is None:
                 yield Skip("no_name", origin)
                 continue
+            if cfg.style == "line":
+                try:
+                    image = render_line(svg_path(code), resolution)
+                except LineArtError as exc:
+                    yield Skip(exc.reason, origin)
+                    continue
+            else:
+                image = render(code, resolution, cfg.font)
             buf = io.BytesIO()
-            render(code, resolution, cfg.font).save(buf, format="PNG")
+            image.save(buf, format="PNG")
             yield Sample(key=code, caption=text, data=buf.getvalue(), licence=LICENCE, origin=origin, ext="png")
 
     return items(), len(codes)
