@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any, get_args
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from imager.data.config import Download, Shard
 from imager.errors import ConfigError
 from imager.evaluation.config import Edits, Evaluate, Evaluator
 from imager.schema import SamplerName, Section
 from imager.text.config import Embed
-from imager.training.config import TrainBase, TrainSR
+from imager.training.config import Finetune, TrainBase, TrainSR
 
 SAMPLERS = get_args(SamplerName)
 
@@ -40,6 +40,32 @@ class Tracking(Section):
 
     enabled: bool = True
     experiment: str = Field("imager", min_length=1)
+
+
+class DatasetSpec(Section):
+    """A further dataset through the same data stages (finetune/dvc.yaml runs download, shard and
+    embed for each entry of ``datasets``): the keys given replace those of the top-level
+    ``download``, ``shard`` and ``embed`` sections. A model fine-tuned on it reads the text encoder
+    its base was trained with, so ``embed`` overrides are for such things as the grid prompts."""
+
+    download: dict[str, Any] = {}
+    shard: dict[str, Any] = {}
+    embed: dict[str, Any] = {}
+
+
+def overlay(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with the keys of ``changes`` replaced, mappings merged key by key."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = overlay(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _overlaid(model: type[BaseModel], base: BaseModel, changes: dict[str, Any], where: str):
+    try:
+        return model.model_validate(overlay(base.model_dump(), changes))
+    except ValidationError as exc:
+        raise ValueError(format_validation_error(exc, where).replace(f"{where}: ", f"{where}.", 1)) from None
 
 
 # ------------------------------------------------------------------------------------ top level
@@ -57,6 +83,41 @@ class Params(Section):
     evaluator: Evaluator = Evaluator()
     evaluate: Evaluate = Evaluate()
     edits: Edits = Edits()
+    datasets: dict[str, DatasetSpec] = {}
+    finetune: Finetune = Finetune()
+
+    @model_validator(mode="after")
+    def _resolvable(self) -> Params:
+        for name in self.datasets:
+            if not re.fullmatch(r"[A-Za-z0-9][\w-]*", name):
+                raise ValueError(f"datasets: a name must be letters, digits, _ or -, got '{name}'")
+            self.dataset_sections(name)
+        if self.datasets and self.finetune.dataset not in self.datasets:
+            raise ValueError(f"finetune.dataset: '{self.finetune.dataset}' is not one of datasets ({', '.join(self.datasets)})")
+        self.finetune_base()
+        self.finetune_lora()
+        return self
+
+    def dataset_sections(self, name: str) -> tuple[Download, Shard, Embed]:
+        """The download, shard and embed sections of ``datasets.<name>`` (the top-level ones for ``None``)."""
+        if name not in self.datasets:
+            raise ValueError(f"datasets: no dataset named '{name}' (known: {', '.join(self.datasets) or 'none'})")
+        spec, where = self.datasets[name], f"datasets.{name}"
+        return (
+            _overlaid(Download, self.download, spec.download, f"{where}.download"),
+            _overlaid(Shard, self.shard, spec.shard, f"{where}.shard"),
+            _overlaid(Embed, self.embed, spec.embed, f"{where}.embed"),
+        )
+
+    def finetune_base(self) -> TrainBase:
+        """``train_base`` with ``finetune.base``'s keys replaced: the full fine-tune."""
+        return _overlaid(TrainBase, self.train_base, self.finetune.base, "finetune.base")
+
+    def finetune_lora(self, rank: int | None = None) -> TrainBase:
+        """``train_base`` with ``finetune.lora``'s keys replaced (and the adapter's rank, if given)."""
+        changes = {"lora": {}, **self.finetune.lora}  # LoraSettings' defaults unless given
+        cfg = _overlaid(TrainBase, self.train_base, changes, "finetune.lora")
+        return cfg if rank is None else cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"rank": rank})})
 
 
 # ------------------------------------------------------------------------------------- messages

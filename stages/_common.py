@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from imager import config
-from imager.errors import ImagerError
+from imager.errors import ConfigError, ImagerError
 from imager.io import atomic_write_json
 from imager.tracking import StageRun, stage_run
 
@@ -21,6 +21,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 ParamsOption = Annotated[
     Path, typer.Option("--params", "-p", help="Params file (validated against imager.config).", show_default=True)
+]
+
+DatasetOption = Annotated[
+    str | None,
+    typer.Option("--dataset", help="A name under `datasets` in params.yaml: its download/shard/embed keys replace the top-level ones."),
 ]
 
 
@@ -50,6 +55,21 @@ def user_errors(fn: F) -> F:
 
 def load_params(path: Path) -> config.Params:
     return config.load(path)
+
+
+def data_sections(p: config.Params, dataset: str | None) -> tuple[Any, Any, Any]:
+    """The (download, shard, embed) sections of ``datasets.<dataset>``, or the top-level ones."""
+    if dataset is None:
+        return p.download, p.shard, p.embed
+    try:
+        return p.dataset_sections(dataset)
+    except ValueError as exc:
+        raise ConfigError(f"--dataset: {exc}") from None
+
+
+def stage_name(stage: str, dataset: str | None) -> str:
+    """The MLflow run name: ``download``, or ``download@lineart`` for a further dataset (as DVC names it)."""
+    return stage if dataset is None else f"{stage}@{dataset}"
 
 
 def finish(

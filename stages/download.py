@@ -10,7 +10,7 @@ import typer
 
 from imager.data.download import download as download_source
 from imager.data.records import MANIFEST
-from stages._common import ParamsOption, finish, load_params, tracked, user_errors
+from stages._common import DatasetOption, ParamsOption, data_sections, finish, load_params, stage_name, tracked, user_errors
 
 
 @user_errors
@@ -21,6 +21,7 @@ def download(
         Path, typer.Option(help="Resumable fetch cache of the urls source (kept between runs).")
     ] = Path("data/cache/fetch"),
     params: ParamsOption = Path("params.yaml"),
+    dataset: DatasetOption = None,
 ) -> None:
     """Download the data set named by `download.source` in params.yaml.
 
@@ -29,8 +30,9 @@ def download(
     url + caption) and hf (a Hugging Face dataset).
     """
     p = load_params(params)
-    with tracked("download", p, {"download": p.download.model_dump()}) as run:
+    section = data_sections(p, dataset)[0]
+    with tracked(stage_name("download", dataset), p, {"download": section.model_dump()}) as run:
         started = time.perf_counter()
-        result = download_source(p.download, out, fetch_cache)
+        result = download_source(section, out, fetch_cache)
         finish(run, result, report, started)
         run.log_artifact(out / MANIFEST)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from stages._common import ParamsOption, finish, load_params, tracked, user_errors
+from stages._common import DatasetOption, ParamsOption, data_sections, finish, load_params, stage_name, tracked, user_errors
 
 
 @user_errors
@@ -17,6 +17,7 @@ def embed(
     out: Annotated[Path, typer.Option(help="Cache directory: embeddings.safetensors, keys.txt, meta.json.")],
     report: Annotated[Path, typer.Option(help="Report JSON: counts, dims, truncated captions.")],
     params: ParamsOption = Path("params.yaml"),
+    dataset: DatasetOption = None,
 ) -> None:
     """Encode captions with `embed.encoder` (minilm, clip or t5) into per-token + pooled fp16
     embeddings, plus the empty caption's embedding (the classifier-free guidance null condition)."""
@@ -24,8 +25,9 @@ def embed(
     from imager.text.embed import embed as embed_captions
 
     p = load_params(params)
-    with tracked("embed", p, {"embed": p.embed.model_dump()}) as run:
+    section = data_sections(p, dataset)[2]
+    with tracked(stage_name("embed", dataset), p, {"embed": section.model_dump()}) as run:
         started = time.perf_counter()
-        result = embed_captions(shards, out, p.embed)
+        result = embed_captions(shards, out, section)
         finish(run, result, report, started)
         run.log_artifact(out / META)

@@ -10,7 +10,7 @@ import typer
 
 from imager.data.shard import INDEX
 from imager.data.shard import shard as shard_images
-from stages._common import ParamsOption, finish, load_params, tracked, user_errors
+from stages._common import DatasetOption, ParamsOption, data_sections, finish, load_params, stage_name, tracked, user_errors
 
 
 @user_errors
@@ -19,6 +19,7 @@ def shard(
     out: Annotated[Path, typer.Option(help="Output directory of .tar shards and index.json (replaced atomically).")],
     report: Annotated[Path, typer.Option(help="Report JSON: kept per split, skipped by reason.")],
     params: ParamsOption = Path("params.yaml"),
+    dataset: DatasetOption = None,
 ) -> None:
     """Decode, check, resize + centre-crop to `shard.resolution` and write webdataset shards.
 
@@ -26,8 +27,9 @@ def shard(
     are skipped and counted by reason in the report; the split is a hash of each key.
     """
     p = load_params(params)
-    with tracked("shard", p, {"shard": p.shard.model_dump()}) as run:
+    section = data_sections(p, dataset)[1]
+    with tracked(stage_name("shard", dataset), p, {"shard": section.model_dump()}) as run:
         started = time.perf_counter()
-        result = shard_images(data, out, p.shard)
+        result = shard_images(data, out, section)
         finish(run, result, report, started)
         run.log_artifact(out / INDEX)

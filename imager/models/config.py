@@ -109,3 +109,48 @@ class UNetConfig(Section):
     def emb_dim(self) -> int:
         """Width of the time/condition embedding fed to every ResBlock (4 × base, as in ADM)."""
         return 4 * self.base_channels
+
+
+# The layers each ``targets`` preset adapts, per architecture (peft matches a name to the end of a
+# module path). Imager's SpatialAttention: qkv/out1 self-attention, q/kv/out2 cross-attention to the
+# text, ff.0/ff.2 the feed-forward; ResBlock: conv1/conv2. diffusers: its attention processors' names.
+LORA_TARGETS: dict[str, dict[str, tuple[str, ...]]] = {
+    "attention": {"imager": ("qkv", "out1", "q", "kv", "out2"), "diffusers": ("to_q", "to_k", "to_v", "to_out.0")},
+    "attention_ff": {
+        "imager": ("qkv", "out1", "q", "kv", "out2", "ff.0", "ff.2"),
+        "diffusers": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
+    },
+    "attention_conv": {
+        "imager": ("qkv", "out1", "q", "kv", "out2", "conv1", "conv2"),
+        "diffusers": ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"),
+    },
+}
+
+
+class LoraSettings(Section):
+    """Low-rank adapters (LoRA, Hu et al. 2021) on a trained network, through peft: each targeted
+    layer W gets W + (alpha / rank)·B·A with B zero at the start, so training starts at the base model.
+
+    ``targets`` is a preset (``attention``: the self- and cross-attention projections, as diffusers'
+    LoRA training; ``attention_ff`` adds the feed-forward; ``attention_conv`` the ResBlock
+    convolutions) or a list of layer names matched against the end of each module's path.
+    """
+
+    rank: int = Field(4, ge=1, le=1024)
+    alpha: float | None = Field(None, gt=0)  # null: = rank (the adapter's scale alpha / rank is 1)
+    dropout: float = Field(0.0, ge=0, lt=1)  # on the adapter's input, in training
+    targets: Literal["attention", "attention_ff", "attention_conv"] | tuple[str, ...] = "attention"
+
+    @field_validator("targets")
+    @classmethod
+    def _names(cls, v):
+        if isinstance(v, tuple) and (not v or any(not name.strip() for name in v)):
+            raise ValueError("must be a preset (attention, attention_ff, attention_conv) or a non-empty list of layer names")
+        return v
+
+    def target_names(self, arch: str) -> tuple[str, ...]:
+        return LORA_TARGETS[self.targets][arch] if isinstance(self.targets, str) else self.targets
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)

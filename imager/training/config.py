@@ -7,13 +7,13 @@ params file never has to repeat them.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from imager.diffusion.config import LossConfig, ScheduleConfig
 from imager.inference.config import StageSampling
-from imager.models.config import UNetConfig
+from imager.models.config import LoraSettings, UNetConfig
 from imager.schema import SamplerName, Section
 
 
@@ -66,6 +66,10 @@ class TrainCommon(Section):
     compile: bool = False  # torch.compile the model (pays off on GPUs)
     grad_checkpointing: bool = False  # recompute activations in backward (large models on GPUs)
     threads: int | None = Field(None, gt=0)  # torch CPU threads; null: torch's default
+    # Fine-tuning: start from a trained model's weights (a model file or folder of a training stage,
+    # or an MLflow URI; imager.training.init), with a fresh optimizer, LR schedule and step count.
+    init_from: str | None = None
+    lora: LoraSettings | None = None  # train only low-rank adapters on the init_from model (imager.models.lora)
 
 
 class TrainBase(TrainCommon):
@@ -88,4 +92,38 @@ class TrainSR(TrainCommon):
         factor = self.resolution // self.lowres
         if self.crop is not None and (self.crop > self.resolution or self.crop % factor):
             raise ValueError(f"crop: must be <= resolution ({self.resolution}) and a multiple of {factor}, got {self.crop}")
+        return self
+
+
+class FinetuneEval(Section):
+    """How the fine-tunes are measured on the held-out part of the fine-tuning dataset (the
+    finetune evaluation stage; imager.evaluation.finetune)."""
+
+    prompts: int = Field(64, gt=0)  # held-out samples of the fine-tuning dataset, one image each
+    forgetting_prompts: int = Field(64, gt=0)  # held-out captions of the default data (colour), for forgetting
+    probe_prompts: int = Field(8, gt=0)  # held-out samples whose style is measured with each training grid
+    chroma: float = Field(0.12, gt=0, lt=1)  # a pixel with max(RGB) - min(RGB) below this is achromatic
+    dark: float = Field(0.35, gt=0, lt=1)  # achromatic and luminance below this: ink
+    light: float = Field(0.85, gt=0, lt=1)  # achromatic and luminance above this: paper
+    reach: float = Field(0.9, gt=0, le=1)  # "steps to the style": the first probe at this share of the real data's score
+    seed: int = Field(0, ge=0)
+    grid_rows: int = Field(6, ge=1, le=32)
+
+
+class Finetune(Section):
+    """Fine-tuning the base model on one of ``datasets``: fully (``base``: keys of ``train_base``
+    replaced) and with LoRA (``lora``: keys of ``train_base`` replaced, including its ``lora``
+    settings); ``extra_ranks`` trains further adapters that differ only in rank, for the
+    cost/quality table. Both start from the base model's EMA weights (``init_from``)."""
+
+    dataset: str = Field("lineart", min_length=1)
+    base: dict[str, Any] = {}
+    lora: dict[str, Any] = {}
+    extra_ranks: tuple[int, ...] = ()
+    evaluate: FinetuneEval = FinetuneEval()
+
+    @model_validator(mode="after")
+    def _ranks(self) -> Finetune:
+        if any(r < 1 for r in self.extra_ranks) or len(set(self.extra_ranks)) != len(self.extra_ranks):
+            raise ValueError(f"extra_ranks: must be distinct positive integers, got {list(self.extra_ranks)}")
         return self

@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 
 from imager.diffusion.process import diffusion_loss, q_sample
 from imager.diffusion.schedule import NoiseSchedule
+from imager.errors import ConfigError
+from imager.models import lora
 from imager.models.base import Denoiser
 from imager.models.checkpoint import save_model
 from imager.models.factory import build_denoiser
@@ -34,6 +36,8 @@ from imager.text.cache import EmbeddingCache
 from imager.training.config import TrainCommon
 from imager.training.distributed import Dist, barrier, mean_across
 from imager.training.ema import EMA
+from imager.training.init import InitSource, load_into
+from imager.training.init import resolve as resolve_init
 from imager.training.loader import ShardLoader
 from imager.training.optim import adamw
 from imager.training.state import latest_checkpoint, load_training_state, save_training_state
@@ -89,10 +93,12 @@ def code_digest(paths: Iterable[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint(cfg: TrainCommon, seed: int, world_size: int, shards_dir: Path, cache_dir: Path) -> str:
+def fingerprint(cfg: TrainCommon, seed: int, world_size: int, shards_dir: Path, cache_dir: Path, init_sha256: str = "") -> str:
     """What a checkpoint must match to be resumed: the params, the data, the training code
-    (``TRAINING_CODE``, see ``code_digest``) and the process count."""
+    (``TRAINING_CODE``, see ``code_digest``), the process count and the weights a fine-tune started from."""
     parts = [cfg.model_dump_json(), str(seed), str(world_size), code_digest(TRAINING_CODE)]
+    if init_sha256:
+        parts.append(init_sha256)
     for path in (Path(shards_dir) / "index.json", Path(cache_dir) / "meta.json", Path(cache_dir) / "keys.txt"):
         parts.append(hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
@@ -130,14 +136,21 @@ class Trainer:
             num_workers=cfg.num_workers, rank=dist.rank, world_size=dist.world_size,
         )
         task.check(self.loader.resolution)
-        self.model = build_model(cfg, self.cache, task.super_resolution).to(dist.device)
+        model = build_model(cfg, self.cache, task.super_resolution)
+        self.init = self._init_from(model)
+        self.base_sha256 = None  # a LoRA run: the weights its adapter belongs to
+        if cfg.lora is not None:
+            self.base_sha256 = lora.weights_sha256(model)
+            lora.inject(model, cfg.lora, lora.TRAINED)
+        self.model = model.to(dist.device)
         self.model.gradient_checkpointing = cfg.grad_checkpointing
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = EMA(self.model, cfg.ema_decay)
         o = cfg.optim
-        self.optimizer = adamw(self.model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-        self.fingerprint = fingerprint(cfg, seed, dist.world_size, shards_dir, cache_dir)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = adamw(trainable, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        self.fingerprint = fingerprint(cfg, seed, dist.world_size, shards_dir, cache_dir, self.init.sha256 if self.init else "")
         self.step = 0
         self.resumed_from: int | None = None
         self.last_loss = float("nan")  # the loss of the last logging window
@@ -152,6 +165,17 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
         if self._scaler_state and self.scaler.is_enabled():  # fp16: the loss scale continues too
             self.scaler.load_state_dict(self._scaler_state)
+
+    def _init_from(self, model: Denoiser) -> InitSource | None:
+        cfg = self.cfg
+        if cfg.init_from is None:
+            if cfg.lora is not None:
+                raise ConfigError("lora: needs init_from, the trained model the adapter is for")
+            return None
+        init = resolve_init(cfg.init_from, "sr" if self.task.super_resolution else "base")
+        load_into(model, init)
+        log.info("weights from %s (sha256 %s)", init.source, init.sha256[:12])
+        return init
 
     # ------------------------------------------------------------------------------ checkpoints
 
@@ -302,11 +326,24 @@ class Trainer:
         }
 
     def save_final(self, out_dir: Path) -> None:
-        """``model.safetensors`` (EMA weights, the model later stages use) and ``model_raw.safetensors``."""
-        if self.dist.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            save_model(self.ema.model, out_dir / "model.safetensors", extra={"step": self.step, "ema": True, **self.sampling_meta()})
-            save_model(self.model, out_dir / "model_raw.safetensors", extra={"step": self.step, **self.sampling_meta()})
+        """``model.safetensors`` (EMA weights, the model later stages use) and ``model_raw.safetensors``;
+        for a LoRA run, ``adapter.safetensors`` (the EMA adapter) and ``adapter_raw.safetensors`` instead."""
+        if not self.dist.is_main:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        extra = {"step": self.step, **self.sampling_meta()}
+        if self.init is not None:
+            extra["init_from"] = self.init.record()
+        if self.cfg.lora is not None:
+            stage = "sr" if self.task.super_resolution else "base"
+            for model, name, ema in ((self.ema.model, "adapter.safetensors", True), (self.model, "adapter_raw.safetensors", False)):
+                lora.save_adapter(
+                    out_dir / name, model, settings=self.cfg.lora, base_sha256=self.base_sha256, stage=stage,
+                    name=lora.TRAINED, extra={**extra, "ema": ema},
+                )
+            return
+        save_model(self.ema.model, out_dir / "model.safetensors", extra={**extra, "ema": True})
+        save_model(self.model, out_dir / "model_raw.safetensors", extra=extra)
 
     def sampling_meta(self) -> dict[str, Any]:
         """What a sampler needs besides the weights: the schedule, the prediction target and the

@@ -127,13 +127,13 @@ def load_training_state(path: Path, *, model, ema_model, optimizer) -> tuple[dic
     """Restore weights, optimizer and RNG states from ``path``; return (state.json, extra tensors)."""
     from safetensors.torch import load_file
 
-    from imager.models.checkpoint import load_model
-
     path = Path(path)
     try:
         meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        model.load_state_dict(load_model(path / "model.safetensors").state_dict())
-        ema_model.load_state_dict(load_model(path / "ema.safetensors").state_dict())
+        # The files' tensors go straight into the modules (strictly): their names are the live
+        # model's, adapter layers included.
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        ema_model.load_state_dict(load_file(str(path / "ema.safetensors")))
         optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta["optimizer"]))
         rng = load_file(str(path / "rng.safetensors"))
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
