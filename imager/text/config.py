@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from imager.schema import Section
 
@@ -23,11 +23,22 @@ class T5Encoder(Section):
     name_or_path: str = "google-t5/t5-small"  # a hub name (needs download) or a local folder
 
 
+Pooling = Literal["mean", "cls", "max", "last"]  # imager.text.base.pool says what each one takes
+
+
+class TransformersEncoder(Section):
+    """A user's own model: any local folder that transformers' AutoModel and AutoTokenizer load."""
+
+    path: str | None = None  # the model folder; required when embed.encoder is transformers
+    pooling: Pooling = "mean"  # last: for decoder-only models, whose last token has read the caption
+    normalize: bool = False  # L2-normalise the pooled vector
+
+
 DEFAULT_PROMPTS = ("grinning face", "red heart", "flag: Japan", "green apple", "smiling face with sunglasses", "rainbow")
 
 
 class Embed(Section):
-    encoder: Literal["minilm", "clip", "t5"] = "minilm"
+    encoder: Literal["minilm", "clip", "t5", "transformers"] = "minilm"
     max_length: int = Field(32, ge=2, le=512)  # tokens kept per caption
     batch_size: int = Field(128, gt=0)
     allow_download: bool = False  # may an encoder fetch weights from a hub? never by default
@@ -35,3 +46,10 @@ class Embed(Section):
     minilm: MiniLMEncoder = MiniLMEncoder()
     clip: ClipEncoder = ClipEncoder()
     t5: T5Encoder = T5Encoder()
+    transformers: TransformersEncoder = TransformersEncoder()
+
+    @model_validator(mode="after")
+    def _transformers_has_a_path(self) -> Embed:
+        if self.encoder == "transformers" and self.transformers.path is None:
+            raise ValueError("transformers.path: required when embed.encoder is 'transformers'")
+        return self

@@ -7,7 +7,8 @@ from imager.text.config import Embed
 
 
 def load_text_encoder(cfg: Embed) -> TextEncoder:
-    """The encoder named by ``cfg.encoder``, loaded from local files unless downloads are allowed."""
+    """The encoder named by ``cfg.encoder``, loaded from local files unless downloads are allowed
+    (``transformers`` is a local folder: it never downloads)."""
     if cfg.encoder == "minilm":
         from imager.text.hf import load_minilm
 
@@ -16,6 +17,10 @@ def load_text_encoder(cfg: Embed) -> TextEncoder:
         from imager.text.hf import load_t5
 
         return load_t5(cfg)
+    if cfg.encoder == "transformers":
+        from imager.text.hf import load_transformers
+
+        return load_transformers(cfg)
     from imager.text.clip import load_clip
 
     return load_clip(cfg)

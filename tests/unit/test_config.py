@@ -68,7 +68,7 @@ def test_the_shipped_params_file_is_valid_and_lists_every_key():
         ({"download": {"source": "urls"}}, "params.yaml: download.urls.list: required when download.source is 'urls'"),
         ({"download": {"source": "hf"}}, "params.yaml: download.hf.name: required when download.source is 'hf'"),
         ({"shard": {"min_side": 100, "max_side": 10}}, "params.yaml: shard.min_side: must not exceed max_side (10), got 100"),
-        ({"embed": {"encoder": "bert"}}, "params.yaml: embed.encoder: must be one of 'minilm', 'clip' or 't5', got 'bert'"),
+        ({"embed": {"encoder": "bert"}}, "params.yaml: embed.encoder: must be one of 'minilm', 'clip', 't5' or 'transformers', got 'bert'"),
         ({"shard": {"odd_modes": "keep"}}, "params.yaml: shard.odd_modes: must be one of 'skip' or 'convert', got 'keep'"),
         ([1, 2], "params.yaml: must be a mapping of sections, got list"),
     ],
