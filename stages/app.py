@@ -7,6 +7,7 @@ import typer
 from stages.download import download
 from stages.embed import embed
 from stages.evaluate import evaluate, evaluate_edits, train_evaluator
+from stages.finetune import evaluate_finetune, finetune, train_lora
 from stages.generate import generate
 from stages.params import check_params
 from stages.shard import shard
@@ -18,7 +19,8 @@ app = typer.Typer(
     help=(
         "Imager: text-to-image diffusion as a DVC pipeline.\n\n"
         "Each command but `generate` is one stage of dvc.yaml: check-params, then download -> shard -> "
-        "embed -> train-base, train-sr, train-evaluator -> evaluate, evaluate-edits. Run them all with `dvc repro`; params "
+        "embed -> train-base, train-sr, train-evaluator -> evaluate, evaluate-edits; finetune/dvc.yaml adds finetune, train-lora and "
+        "evaluate-finetune. Run them all with `dvc repro` (and `dvc repro finetune/dvc.yaml`); params "
         "live in params.yaml. `imager generate \"red apple\" --out apple.png` draws with the result; `imager ui` serves the web app and HTTP API."
     ),
     no_args_is_help=True,
@@ -35,6 +37,9 @@ app.command("train-sr")(train_sr)
 app.command("train-evaluator")(train_evaluator)
 app.command()(evaluate)
 app.command("evaluate-edits")(evaluate_edits)
+app.command()(finetune)
+app.command("train-lora")(train_lora)
+app.command("evaluate-finetune")(evaluate_finetune)
 app.command()(generate)
 app.command()(ui)
 

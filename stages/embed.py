@@ -19,7 +19,7 @@ def embed(
     params: ParamsOption = Path("params.yaml"),
     dataset: DatasetOption = None,
 ) -> None:
-    """Encode captions with `embed.encoder` (minilm, clip or t5) into per-token + pooled fp16
+    """Encode captions with `embed.encoder` (minilm, clip, t5, or a local transformers folder) into per-token + pooled fp16
     embeddings, plus the empty caption's embedding (the classifier-free guidance null condition)."""
     from imager.text.cache import META  # torch and transformers load only when this stage runs
     from imager.text.embed import embed as embed_captions

@@ -23,12 +23,20 @@ CkptOpt = Annotated[Path, typer.Option(help="Training-state checkpoints; a rerun
 ReportOpt = Annotated[Path, typer.Option(help="Metrics JSON: final loss, steps, parameters (run times go to MLflow).")]
 
 
-def _train(section: str, shards: Path, embeddings: Path, out: Path, checkpoints: Path, report: Path, params: Path) -> None:
+InitOpt = Annotated[
+    str | None,
+    typer.Option(help="Fine-tune: start from this model (a training stage's model folder or file, or an MLflow URI); overrides the params' init_from."),
+]
+
+
+def _train(section: str, shards: Path, embeddings: Path, out: Path, checkpoints: Path, report: Path, params: Path, init_from: str | None = None) -> None:
     from imager.training.distributed import init_distributed, shutdown
     from imager.training.run import train_model
 
     p = load_params(params)
     cfg = getattr(p, section)
+    if init_from is not None:
+        cfg = cfg.model_copy(update={"init_from": init_from})
     dist = init_distributed()
     try:
         run_ctx = tracked(section.replace("_", "-"), p, {section: cfg.model_dump(), "seed": p.seed}, {"shards": shards, "embeddings": embeddings}) if dist.is_main else contextlib.nullcontext(StageRun(None))
@@ -50,16 +58,16 @@ def _train(section: str, shards: Path, embeddings: Path, out: Path, checkpoints:
 @user_errors
 def train_base(
     shards: ShardsOpt, embeddings: EmbOpt, out: OutOpt, checkpoints: CkptOpt, report: ReportOpt,
-    params: ParamsOption = Path("params.yaml"),
+    init_from: InitOpt = None, params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Train the base text-to-image model (params `train_base`) on the shards and cached embeddings."""
-    _train("train_base", shards, embeddings, out, checkpoints, report, params)
+    _train("train_base", shards, embeddings, out, checkpoints, report, params, init_from)
 
 
 @user_errors
 def train_sr(
     shards: ShardsOpt, embeddings: EmbOpt, out: OutOpt, checkpoints: CkptOpt, report: ReportOpt,
-    params: ParamsOption = Path("params.yaml"),
+    init_from: InitOpt = None, params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Train the super-resolution model (params `train_sr`): lowres -> resolution, with noise augmentation."""
-    _train("train_sr", shards, embeddings, out, checkpoints, report, params)
+    _train("train_sr", shards, embeddings, out, checkpoints, report, params, init_from)

@@ -11,6 +11,7 @@ bit for bit.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from imager.inference.cascade import Cascade
 
 MAX_ADAPTERS = 16
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ def use_adapters(cascade: Cascade, specs: list[AdapterSpec], *, merge: bool = Fa
             lora.load_adapter(_model(cascade, adapter.stage), adapter, name, base_sha256=state.base_sha256)
             _model(cascade, adapter.stage).to(device)
             state.names[key], state.files[name] = name, adapter
+        if spec.scale == 0 or not adapter.has_effect:
+            log.warning("adapter %s has no effect: %s", spec.path, "its scale is 0" if spec.scale == 0 else "its B weights are all zero (untrained)")
         stage_scales = scales.setdefault(adapter.stage, {})
         stage_scales[name] = stage_scales.get(name, 0.0) + spec.scale
         files.append(adapter)

@@ -154,6 +154,11 @@ class AdapterFile:
         return sorted({k.rsplit(".lora_", 1)[0] for k in self.tensors})
 
     @property
+    def has_effect(self) -> bool:
+        """False when every B matrix is zero: such an adapter (a fresh one) changes nothing."""
+        return any(bool(t.any()) for k, t in self.tensors.items() if k.endswith(".lora_B.weight"))
+
+    @property
     def parameters(self) -> int:
         return sum(t.numel() for t in self.tensors.values())
 

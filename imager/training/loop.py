@@ -154,6 +154,7 @@ class Trainer:
         self.step = 0
         self.resumed_from: int | None = None
         self.last_loss = float("nan")  # the loss of the last logging window
+        self.probes: list[dict[str, float]] = []  # measurements of the EMA model during the run (kept in checkpoints)
         self._scaler_state: dict[str, Any] | None = None
         self._resume()
         self.net = self.model
@@ -202,6 +203,7 @@ class Trainer:
         self.loader.load_state_dict(meta["loader"])
         self._scaler_state = meta.get("grad_scaler")
         self.last_loss = float(meta.get("last_loss", float("nan")))
+        self.probes = list(meta.get("probes", []))
         self.resumed_from = self.step
         log.info("resumed from %s (step %d)", path, self.step)
 
@@ -226,6 +228,7 @@ class Trainer:
                     "loader": self.loader.state_dict(),
                     "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                     "last_loss": self.last_loss,
+                    **({"probes": self.probes} if self.probes else {}),
                 },
                 tensors={f"{name}.{r}": s for r, st in enumerate(states) for name, s in st.items()}, keep=self.cfg.keep_checkpoints,
             )

@@ -69,18 +69,40 @@ def train_model(
     dist: Dist,
     log_metrics: Callable[[dict[str, float], int], None],
     log_image: Callable[[Image.Image, str], None],
+    probe: Callable[[Trainer], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """Train (resuming from ``ckpt_dir`` when it matches), write ``out`` (EMA and raw weights, the
-    final grid) atomically on rank 0, and return the summary for the report."""
+    """Train (resuming from ``ckpt_dir`` when it matches), write ``out`` (EMA and raw weights, or
+    the adapter of a LoRA run, and the final grid) atomically on rank 0, and return the summary for
+    the report. ``probe`` measures the EMA model with each grid and at the end (``trainer.probes``)."""
     sr = isinstance(cfg, TrainSR)
     task = SRTask(cfg) if sr else BaseTask(cfg)
     trainer = Trainer(cfg, task, shards_dir=shards_dir, cache_dir=cache_dir, ckpt_dir=ckpt_dir, seed=seed, dist=dist)
     make_grid = (lambda: sr_grid(trainer, shards_dir)) if sr else (lambda: base_grid(trainer))
-    summary = trainer.run(log_metrics, lambda step: log_image(make_grid(), f"grids/step-{step:07d}.png"))
+
+    def measure(step: int) -> None:
+        if probe is not None and all(p["step"] != step for p in trainer.probes):
+            metrics = probe(trainer)
+            trainer.probes.append({"step": step, **metrics})
+            log_metrics({f"probe_{k}": v for k, v in metrics.items()}, step)
+
+    def on_grid(step: int) -> None:
+        log_image(make_grid(), f"grids/step-{step:07d}.png")
+        measure(step)
+
+    if dist.is_main:  # the start (a resumed run: its probe may have been due after the checkpoint)
+        measure(trainer.step)
+    summary = trainer.run(log_metrics, on_grid)
     if dist.is_main:
+        measure(trainer.step)
         with atomic_dir(Path(out)) as tmp:
             trainer.save_final(tmp)
             grid = make_grid()
             grid.save(tmp / "grid.png")
         log_image(grid, "grids/final.png")
-    return {**summary, "parameters": float(sum(p.numel() for p in trainer.model.parameters()))}
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    summary = {**summary, "parameters": float(sum(p.numel() for n, p in trainer.model.named_parameters() if ".lora_" not in n))}
+    if cfg.lora is not None or cfg.init_from is not None:
+        summary["trainable_parameters"] = float(trainable)
+    if probe is not None:
+        summary["probes"] = list(trainer.probes)
+    return summary

@@ -42,6 +42,11 @@ TINY_EDITS = {
     "images": 2, "grid_images": 1, "inpaint": {"masks": ["centre"], "border": 2, "resample": 2},
     "img2img": {"strengths": [0.5, 1.0], "samplers": ["ddim"], "images": 2},
 }  # fmt: skip
+TINY_DATASETS = {"lineart": {"download": {"openmoji": {"style": "line"}, "caption_format": "{caption}, line art"}, "embed": {"prompts": ["red heart, line art"]}}}
+TINY_FINETUNE = {
+    "base": {"steps": 2, "grid": {"every": 1}}, "lora": {"steps": 2, "grid": {"every": 1}, "lora": {"rank": 2}}, "extra_ranks": [1],
+    "evaluate": {"prompts": 3, "forgetting_prompts": 3, "probe_prompts": 2, "grid_rows": 2},
+}  # fmt: skip
 STAGES = ["download", "shard", "embed", "train-base", "train-sr", "train-evaluator", "evaluate", "evaluate-edits"]
 DVC_STAGES = ["params"] + [s.replace("-", "_") for s in STAGES]
 
@@ -55,7 +60,7 @@ def pipeline_ids(experiment: str) -> list[tuple[str, str, str]]:
 def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, mlflow_uri):
     project = tmp_path / "project"
     project.mkdir()
-    for item in ("dvc.yaml", ".dvcignore", "imager", "stages"):
+    for item in ("dvc.yaml", ".dvcignore", "imager", "stages", "finetune"):
         src = REPO / item
         if src.is_dir():
             shutil.copytree(src, project / item, ignore=shutil.ignore_patterns("__pycache__"))
@@ -71,6 +76,8 @@ def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, mlflow_uri)
         evaluator=TINY_EVALUATOR,
         evaluate=TINY_EVALUATE,
         edits=TINY_EDITS,
+        datasets=TINY_DATASETS,
+        finetune=TINY_FINETUNE,
     )
     (project / "params.yaml").write_text(yaml.safe_dump({"seed": 0, "sampler": "dpmpp_2m", **params}))
     sh(project, "git", "init", "-q")
@@ -135,3 +142,17 @@ def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, mlflow_uri)
     groups = [ids[:n], ids[n : 2 * n], ids[2 * n : 2 * n + 2], ids[2 * n + 2 :]]
     assert all(len(set(g)) == 1 for g in groups) and len(set(ids)) == 4
     assert [exp for _, _, exp in runs] == [""] * (2 * n) + ["try-ddim"] * 2 + ["short-captions"] * len(rerun)
+
+    # The fine-tuning pipeline (finetune/dvc.yaml): the same data stages once per entry of `datasets`,
+    # then the full fine-tune, the LoRA adapters and their evaluation, on the models above.
+    tuned = sh(project, "dvc", "repro", "finetune/dvc.yaml")
+    for stage in ("download@lineart", "shard@lineart", "embed@lineart", "finetune", "train_lora", "evaluate_finetune"):
+        assert f"Running stage 'finetune/dvc.yaml:{stage}'" in tuned
+    assert "Running stage 'train_base'" not in tuned  # upstream is up to date
+    for out in ("data/datasets/lineart/shards/index.json", "data/finetune/base/model.safetensors",
+                "data/finetune/lora/rank-2/adapter.safetensors", "data/finetune/lora/rank-1/adapter.safetensors"):
+        assert (project / out).is_file(), out
+    result = yaml.safe_load((project / "reports" / "finetune.json").read_text())
+    assert result["lora_r2.scale0_equals_base"] is True
+    assert result["lora_r1.trainable_parameters"] < result["lora_r2.trainable_parameters"] < result["full.trainable_parameters"]
+    assert "Data and pipelines are up to date" in sh(project, "dvc", "status", "finetune/dvc.yaml")

@@ -147,7 +147,14 @@ def has_code(path: Path) -> bool:
 
 
 def dvc_stages() -> dict[str, dict]:
-    return yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    """Every stage of dvc.yaml and finetune/dvc.yaml (a foreach stage: its ``do`` body, under
+    ``file:name``); finetune/dvc.yaml's stages run from the project root (``wdir: ..``)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    for name, spec in yaml.safe_load((REPO / "finetune" / "dvc.yaml").read_text(encoding="utf-8"))["stages"].items():
+        body = spec.get("do", spec)
+        assert body.get("wdir") == "..", f"finetune/dvc.yaml stage {name}: must run from the project root (wdir: ..)"
+        stages[f"finetune:{name}"] = body
+    return stages
 
 
 @pytest.mark.parametrize("stage", sorted(dvc_stages()))
@@ -156,7 +163,7 @@ def test_stage_deps_cover_its_imports(stage):
     words = spec["cmd"].split()
     assert words[0] == "imager", f"{stage}: cmd is not an imager command"
     deps = [REPO / d for d in spec.get("deps", []) if not d.startswith("data/")]
-    sections = None if stage == "params" else [next(iter(p)) if isinstance(p, dict) else p for p in spec.get("params", [])]
+    sections = None if stage == "params" else [(next(iter(p)) if isinstance(p, dict) else p).split(".$")[0] for p in spec.get("params", [])]
     files = closure(command_imports(words[1]), sections) | {command_module(words[1]), REPO / "stages" / "__init__.py"}
     files = {f for f in files if f.name != "__init__.py" or has_code(f)}
     missing = sorted(f.relative_to(REPO).as_posix() for f in files if not any(f == d or d in f.parents for d in deps))

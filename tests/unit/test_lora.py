@@ -195,6 +195,31 @@ def test_diffusers_arch_takes_the_attention_preset():
     assert n > 0 and all(p.rsplit(".", 1)[-1] in {"to_q", "to_k", "to_v", "0"} for p in L.lora_layers(m))
 
 
+def test_an_untrained_adapter_is_known_to_have_no_effect(tmp_path, caplog):
+    from imager.inference import Cascade
+    from imager.inference.adapters import AdapterSpec, use_adapters
+    from tests.app.conftest import write_models
+
+    trained = L.read_adapter(adapted(tmp_path, seed=1))
+    assert trained.has_effect
+    m = model()
+    settings = LoraSettings(rank=2)
+    sha = L.weights_sha256(m)
+    L.inject(m, settings, "fresh")
+    L.save_adapter(tmp_path / "fresh.safetensors", m, settings=settings, base_sha256=sha, stage="base", name="fresh")
+    assert not L.read_adapter(tmp_path / "fresh.safetensors").has_effect
+    base, sr = write_models(tmp_path / "models")
+    cascade = Cascade.load(base, sr)
+    m2 = cascade.base.model
+    sha2 = L.weights_sha256(m2)
+    L.inject(m2, settings, "fresh")
+    L.save_adapter(tmp_path / "fresh2.safetensors", m2, settings=settings, base_sha256=sha2, stage="base", name="fresh")
+    cascade = Cascade.load(base, sr)
+    with caplog.at_level("WARNING", logger="imager.inference.adapters"):
+        use_adapters(cascade, [AdapterSpec(tmp_path / "fresh2.safetensors", 1.0)])
+    assert "has no effect: its B weights are all zero" in caplog.text
+
+
 def test_bad_adapter_files(tmp_path):
     with pytest.raises(CheckpointError, match="adapter not found"):
         L.read_adapter(tmp_path / "none.safetensors")
