@@ -36,7 +36,7 @@ def bench(
     batch: Annotated[int | None, typer.Option(min=1, help="Training/cache/data batch. Default: train_base.batch_size.")] = None,
     sampling_batch: Annotated[int | None, typer.Option(min=1, help="Sampling batch. Default 32.")] = None,
     steps: Annotated[int | None, typer.Option(min=1, max=1000, help="Sampling steps. Default 20.")] = None,
-    only: Annotated[list[str] | None, typer.Option(help="Run only these comparisons (repeatable): training, sampling, cache, data, ui, quality.")] = None,
+    only: Annotated[list[str] | None, typer.Option(help="Run only these comparisons (repeatable): training, sampling, cache, data, ui, quality, finetune.")] = None,
     fid: Annotated[bool, typer.Option("--fid", help="Also DPM-Solver++ 20 vs DDPM 1000 steps in FID (needs trained base model + evaluator; slow).")] = False,
     fid_prompts: Annotated[int | None, typer.Option(min=2, help="Held-out prompts for --fid. Default: evaluate.sweep.prompts.")] = None,
     fid_seeds: Annotated[int | None, typer.Option(min=1, help="Noise seeds for --fid (their images are scored together). Default 3 (quick: 2).")] = None,
@@ -71,7 +71,7 @@ def bench(
     if publish:
         outputs.append((PUBLISHED / "benchmarks.json", PUBLISHED / "benchmarks.md"))
     run_on = resolve_device(device)
-    if set(chosen) - {"quality"}:
+    if set(chosen) - {"quality", "finetune"}:
         require_diffusers()  # the one-line install hint before anything slow
     p = load_params(params)
     tb = p.train_base

@@ -21,6 +21,7 @@ import torch
 from benchmarks import BenchError
 from benchmarks.cache import bench_cache
 from benchmarks.data import bench_data, ensure_shards, first_samples
+from benchmarks.finetune import REPORTED_RANK, bench_finetune, summary
 from benchmarks.machine import describe_machine, other_cpu_share, read_cpu_clock
 from benchmarks.models import resolve_config
 from benchmarks.report import Comparison, Report
@@ -34,7 +35,8 @@ from imager.models.diffusers_unet import require_diffusers
 from imager.text.config import Embed
 
 log = logging.getLogger(__name__)
-COMPARISONS = ("training", "sampling", "cache", "data", "ui", "quality")  # quality: with --quality EXPERIMENT; ui: with trained models
+COMPARISONS = ("training", "sampling", "cache", "data", "ui", "quality", "finetune")  # quality: with --quality EXPERIMENT; ui: with trained models
+WITHOUT_DIFFUSERS = {"quality", "ui", "finetune"}  # comparisons that build no diffusers model
 BUSY_SHARE = 0.2  # share of the CPU used by other processes during the run above which the numbers get a warning
 
 
@@ -107,7 +109,7 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
     s = settings
     if s.quality is None and s.only == ("quality",):
         raise BenchError("--only quality needs --quality EXPERIMENT (a `dvc exp run -S train_base.model.arch=diffusers` run)")
-    if set(s.only) - {"quality", "ui"}:
+    if set(s.only) - WITHOUT_DIFFUSERS:
         require_diffusers()
     clock = read_cpu_clock()
     machine = describe_machine(device)
@@ -141,6 +143,14 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
             if not details["within_tolerance"]:
                 notes.append(f"The diffusers model is {100 * details['relative_difference']:+.1f} % off Imager's parameter count, "
                              f"outside ±{100 * details['tolerance']:.0f} %.")
+        if "finetune" in s.only:
+            rows = bench_finetune(config, batch_size=s.batch_size, resolution=s.resolution, repeats=s.repeats,
+                                  warmup=s.warmup, seed=s.seed, device=device)
+            comparisons += rows
+            notes.append(f"Fine-tuning: one optimizer step of the base model as the training loop takes it (forward, MSE, "
+                         "backward, AdamW on the trainable parameters, EMA update of every parameter), full fine-tuning vs "
+                         f"LoRA on the {rows[0].details['targets']} layers; the rows compare rank {REPORTED_RANK}, every rank is in the "
+                         f"JSON: {summary(rows)}. Saved: the adapter's tensors vs the model's state dict, safetensors bytes.")
         if "sampling" in s.only:
             comparisons.append(bench_sampling(config, NoiseSchedule.from_config(schedule), prediction, batch_size=s.sampling_batch,
                                               resolution=s.resolution, steps=s.sampling_steps, guidance=s.guidance,
