@@ -27,6 +27,15 @@ Seeds: a call without images is sampled in batches of ``batch_size``, the batch 
 seeded ``seed + start`` (as the evaluation samples). A row with an image is sampled alone, seeded
 ``seed + its row index``, so it gives the same image whatever rows surround it; a row without one
 gives what it gives in the same call without the image columns.
+
+LoRA adapters: ``log_cascade(..., adapters=[AdapterSpec(path, scale)])`` logs each adapter file
+with the model (artifacts ``lora0``, ``lora1``, ...; their weights in its config), and the loaded
+model applies them to every call: a fine-tuned cascade is one MLflow model like the default one.
+The ``lora`` param adds adapters for one call, ``"FILE[:SCALE], ..."``, and re-weights a logged
+one by its artifact name (``"lora0:0"`` turns it off). Those FILEs are read on the machine that runs
+the model: a server that others call should log its adapters with the model instead.
+
+    styled = model.predict(["red apple"], params={"lora": "pixel-art.safetensors:0.8"})
 """
 
 from __future__ import annotations
@@ -35,19 +44,20 @@ import base64
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow.pyfunc
 import numpy as np
 
-from imager.errors import ConfigError
+from imager.errors import ConfigError, ImagerError
 from imager.inference.config import CascadeSampling
 
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from imager.inference.adapters import AdapterSpec
     from imager.inference.edit import EditInput
     from imager.inference.sampling import Cond
 
@@ -61,8 +71,8 @@ from imager.serving import CascadeModel
 mlflow.models.set_model(CascadeModel())
 """
 # Per-call options of predict(params=...): name -> MLflow type. The sampling ones are the flat names
-# of imager.inference.config.OVERRIDES; negative_prompt applies to every prompt of the call, and the
-# EDIT_OPTIONS to every row with an image.
+# of imager.inference.config.OVERRIDES; negative_prompt applies to every prompt of the call, the
+# EDIT_OPTIONS to every row with an image, lora (FILE[:SCALE], comma-separated) to the whole call.
 OPTIONS: dict[str, str] = {
     "sampler": "string",
     "steps": "long",
@@ -79,6 +89,7 @@ OPTIONS: dict[str, str] = {
     "resample": "long",
     "mask_blur": "double",
     "outpaint": "string",
+    "lora": "string",
 }
 EDIT_OPTIONS = ("mask_blur", "outpaint")  # how the input images are prepared, not sampling settings
 COLUMNS = ("prompt", "negative_prompt", "image", "mask")
@@ -91,7 +102,7 @@ def option_defaults(sampling: CascadeSampling) -> dict[str, Any]:
         "sampler": sampling.sampler, "steps": base.steps, "guidance": base.guidance, "threshold": base.threshold,
         "percentile": base.percentile, "sr_steps": sr.steps, "sr_guidance": sr.guidance, "seed": sampling.seed,
         "batch_size": sampling.batch_size, "negative_prompt": "", "strength": sampling.strength, "sr_strength": sampling.sr_strength,
-        "resample": sampling.resample, "mask_blur": 0.0, "outpaint": "",
+        "resample": sampling.resample, "mask_blur": 0.0, "outpaint": "", "lora": "",
     }  # fmt: skip
 
 
@@ -148,6 +159,28 @@ def image_source(value: Any, what: str) -> Any:
     raise ConfigError(f"{what}: expected PNG/JPEG bytes or a uint8 array (H, W, 3), (H, W, 4) or (H, W), got {type(value).__name__}")
 
 
+def lora_specs(text: Any, logged: Sequence[tuple[str, AdapterSpec]] = ()) -> list[AdapterSpec]:
+    """The adapters of a call: the ``logged`` ones (artifact name, spec) at their weights, then the
+    ``lora`` param's comma-separated ``FILE[:SCALE]``; an entry naming a logged adapter's artifact
+    sets that adapter's weight instead. A ConfigError naming ``params: lora`` for a bad entry."""
+    from imager.inference.adapters import AdapterSpec, parse_spec
+
+    if not isinstance(text, str):
+        raise ConfigError(f"params: lora: expected 'FILE[:SCALE], ...', got {type(text).__name__}")
+    weights = {name: spec.scale for name, spec in logged}
+    extra = []
+    for item in (t for t in text.split(",") if t.strip()):
+        try:
+            spec = parse_spec(item)
+        except ConfigError as exc:
+            raise ConfigError(f"params: lora: {str(exc).removeprefix('--lora: ')}") from None
+        if str(spec.path) in weights:
+            weights[str(spec.path)] = spec.scale
+        else:
+            extra.append(spec)
+    return [AdapterSpec(spec.path, weights[name]) for name, spec in logged] + extra
+
+
 def _rows(cond: Cond | None, start: int, count: int) -> Cond | None:
     return None if cond is None else tuple(t[start : start + count] for t in cond)  # type: ignore[return-value]
 
@@ -156,6 +189,8 @@ def _rows(cond: Cond | None, start: int, count: int) -> Cond | None:
 # options) with one inferred from them. (Its import-time reminder to add them cannot be silenced.)
 class CascadeModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: prompts (and images, masks) in, uint8 images (N, H, W, 3) out."""
+
+    adapters: tuple[tuple[str, AdapterSpec], ...] = ()  # the logged ones: (artifact name, file and weight)
 
     def load_context(self, context) -> None:
         from imager.inference import Cascade
@@ -167,6 +202,8 @@ class CascadeModel(mlflow.pyfunc.PythonModel):
         self.encoder = load_text_encoder(Embed.model_validate(cfg["embed"]))
         self.cascade.check_encoder(self.encoder)
         self.sampling = CascadeSampling.model_validate(cfg["sampling"])
+        self.adapters = logged_adapters(cfg, context.artifacts)
+        self.use_adapters(lora_specs("", self.adapters), "model")  # a logged adapter that does not fit fails the load, not a call
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
         from imager.inference.cascade import encode_negative, encode_prompts
@@ -176,15 +213,27 @@ class CascadeModel(mlflow.pyfunc.PythonModel):
         params = {k: v for k, v in (params or {}).items() if v is not None}
         negative_param = params.pop("negative_prompt", "")
         edit_params = {k: params.pop(k) for k in EDIT_OPTIONS if k in params}
+        adapters = lora_specs(params.pop("lora", ""), self.adapters)
         sampling = with_overrides(self.sampling, params)
         prompts, negatives = prompts_of(model_input)
         edits = self.edits(model_input, len(prompts), sampling, **edit_params)
         for i, prompt in enumerate(prompts):  # a row with an image may go without text (unconditional)
             if i not in edits and not prompt.strip():
                 raise ConfigError(f"prompt {i + 1} is empty; give a text such as 'red apple', or an image to edit")
+        self.use_adapters(adapters, "params: lora")
         cond, _ = encode_prompts(self.encoder, prompts, allow_empty=True)
         negative = encode_negative(self.encoder, negatives if negatives is not None else [negative_param] * len(prompts))
         return to_hwc(self.sample(cond, sampling, negative, edits)).numpy()
+
+    def use_adapters(self, specs: list[AdapterSpec], what: str) -> None:
+        """Exactly ``specs`` active on the cascade (none: the model as trained, bit for bit); a
+        one-line error naming ``what`` for a file that is not an adapter of this cascade."""
+        from imager.inference.adapters import use_adapters
+
+        try:
+            use_adapters(self.cascade, specs)
+        except ImagerError as exc:
+            raise type(exc)(f"{what}: {str(exc).removeprefix('--lora: ')}") from None
 
     def edits(self, model_input: Any, n: int, sampling: CascadeSampling, *, mask_blur: Any = 0.0, outpaint: Any = "") -> dict[int, EditInput]:
         """Row index -> the prepared image and mask of each row with an image; every row checked
@@ -254,6 +303,13 @@ class CascadeModel(mlflow.pyfunc.PythonModel):
         return sr if sr is not None else base
 
 
+def logged_adapters(cfg: Mapping[str, Any], artifacts: Mapping[str, str]) -> tuple[tuple[str, AdapterSpec], ...]:
+    """The adapters logged with the model: (artifact name, its local file at the logged weight)."""
+    from imager.inference.adapters import AdapterSpec
+
+    return tuple((a["artifact"], AdapterSpec(Path(artifacts[a["artifact"]]), float(a["scale"]))) for a in cfg.get("adapters", []))
+
+
 def signature(sampling: CascadeSampling):
     """No input schema; output: uint8 images; params: :data:`OPTIONS`.
 
@@ -278,8 +334,15 @@ def _pinned(package: str) -> str:
         return package
 
 
-def log_cascade(base: Path, sr: Path, *, embed: dict[str, Any], sampling: CascadeSampling, workdir: Path, name: str = "cascade"):
-    """Log the cascade as a pyfunc model in the active MLflow run; returns its model info."""
+def log_cascade(
+    base: Path, sr: Path, *, embed: dict[str, Any], sampling: CascadeSampling, workdir: Path, name: str = "cascade",
+    adapters: list[AdapterSpec] | None = None,
+):
+    """Log the cascade as a pyfunc model in the active MLflow run; returns its model info.
+
+    ``adapters``: LoRA adapter files logged with it (``lora0``, ``lora1``, ...) and applied at their
+    weights by every call; each is checked against the models first, so that a model that cannot
+    load is never logged."""
     from importlib.metadata import PackageNotFoundError, requires
 
     import imager
@@ -291,16 +354,35 @@ def log_cascade(base: Path, sr: Path, *, embed: dict[str, Any], sampling: Cascad
         reqs = []
     if any(read_checkpoint_meta(path)[0].arch == "diffusers" for path in (base, sr)):  # the baseline network
         reqs.append(_pinned("diffusers"))
+    lora = {f"lora{i}": spec for i, spec in enumerate(adapters or [])}
+    if lora:
+        check_adapters(base, sr, list(lora.values()))
+        reqs.append(_pinned("peft"))
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / CONFIG
-    config.write_text(json.dumps({"embed": embed, "sampling": sampling.model_dump(mode="json")}, indent=2, sort_keys=True), encoding="utf-8")
+    settings = {"embed": embed, "sampling": sampling.model_dump(mode="json")}
+    if lora:  # a model without adapters keeps the config it always had
+        settings["adapters"] = [{"artifact": k, "scale": spec.scale} for k, spec in lora.items()]
+    config.write_text(json.dumps(settings, indent=2, sort_keys=True), encoding="utf-8")
     code = workdir / "cascade_model.py"  # MLflow's models-from-code: the model is this code, not a pickle
     code.write_text(MODEL_CODE, encoding="utf-8")
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=str(code),
-        artifacts={"base": str(base), "sr": str(sr), "config": str(config)},
+        artifacts={"base": str(base), "sr": str(sr), "config": str(config)} | {k: str(spec.path) for k, spec in lora.items()},
         signature=signature(sampling),
         code_paths=[str(Path(imager.__file__).parent)],  # the model carries the library's code
         pip_requirements=reqs,
     )
+
+
+def check_adapters(base: Path, sr: Path, adapters: list[AdapterSpec]) -> None:
+    """Load the adapters onto the cascade as the logged model will: a one-line error naming
+    ``adapters`` for a file that is not an adapter of these models."""
+    from imager.inference import Cascade
+    from imager.inference.adapters import use_adapters
+
+    try:
+        use_adapters(Cascade.load(base, sr), adapters)
+    except ImagerError as exc:
+        raise type(exc)(f"adapters: {str(exc).removeprefix('--lora: ')}") from None

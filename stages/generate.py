@@ -13,6 +13,11 @@ Each PNG carries its parameters in its text chunks (:mod:`imager.inference.metad
 negative prompt, seed, sampler, steps, guidance, strength, the model files' SHA-256 and Imager's
 version; `imager ui` restores them from a dropped file. Images of one batch share its seed (the
 noise of the batch is drawn at once): such a PNG also records its ``batch_index`` and ``batch_size``.
+
+LoRA adapters (``--lora FILE[:SCALE]``, repeatable) change the base or SR model each was trained on,
+at its weight (:mod:`imager.inference.adapters`); the files are checked before any model loads, and
+the PNG records them (``adapters``: file, weight, SHA-256, stage, rank). ``--merge-lora`` folds them
+into the weights first: one matmul less per adapted layer and step, the same image up to rounding.
 """
 
 from __future__ import annotations
@@ -24,15 +29,17 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from imager.app.request import IMG2IMG_STRENGTH  # the one default of every img2img entry point
-from imager.errors import ConfigError
+from imager.errors import CheckpointError, ConfigError, ImagerError
 from stages._common import ParamsOption, load_params, user_errors
 
 if TYPE_CHECKING:
+    from imager.inference.adapters import AdapterSpec
     from imager.inference.edit import EditInput
 
 log = logging.getLogger("imager")
 SAMPLING = "Sampling (default: params.yaml `sampler` and `evaluate`)"
 IMAGE = "Image input"
+ADAPTERS = "LoRA adapters"
 
 
 @user_errors
@@ -62,6 +69,8 @@ def generate(
     base: Annotated[Path, typer.Option(help="Base model file.")] = Path("data/models/base/model.safetensors"),
     sr: Annotated[Path, typer.Option(help="Super-resolution model file.")] = Path("data/models/sr/model.safetensors"),
     no_sr: Annotated[bool, typer.Option("--no-sr", help="Stop at the base model's resolution.")] = False,
+    lora: Annotated[list[str] | None, typer.Option("--lora", metavar="FILE[:SCALE]", help="A LoRA adapter file and its weight (default 1; 0: off, negative: away from it). Repeatable: several at once, each with its weight; each adapts the base or SR model it was trained on (another model is refused).", rich_help_panel=ADAPTERS)] = None,
+    merge_lora: Annotated[bool, typer.Option("--merge-lora", help="Merge the adapters into the weights before sampling: faster per step, the same image up to rounding.", rich_help_panel=ADAPTERS)] = False,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Generate images for PROMPT with the trained cascade (base, then super-resolution)."""
@@ -98,8 +107,12 @@ def generate(
         log.warning("--sr-strength has no effect with --no-sr")
     if edit is not None and mask is None and outpaint is None and sampling.strength == 1 and (no_sr or sampling.sr_strength == 1):
         log.warning("--init-image is not used at --strength 1 without a mask: the image is drawn from noise")
+    adapters = read_lora(lora or [], no_sr=no_sr)
+    if merge_lora and not adapters:
+        log.warning("--merge-lora has no effect without --lora")
     target = resolve_device(device, "--device")
     cascade = Cascade.load(base, None if no_sr else sr, device=target)
+    record = apply_lora(cascade, adapters, merge=merge_lora)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar (ours), and one line on an error
@@ -121,10 +134,47 @@ def generate(
         batch = {} if num - start == 1 or sampling.batch_size == 1 else {"batch_index": i - start, "batch_size": min(sampling.batch_size, num - start)}
         meta = image_params(
             prompt=prompt, negative_prompt=negative or "", seed=sampling.seed + start, sampling=sampling, use_sr=not no_sr, mode=mode,
-            size=image.shape[0], identity=identity, mask=mode in ("inpaint", "outpaint"), mask_blur=mask_blur or 0.0, outpaint=outpaint, **batch,
+            size=image.shape[0], identity=identity, mask=mode in ("inpaint", "outpaint"), mask_blur=mask_blur or 0.0, outpaint=outpaint,
+            adapters=record, **batch,
         )  # fmt: skip
         save_png(path, image, meta)
     typer.echo("\n".join(str(p) for p in paths))
+
+
+def read_lora(texts: list[str], *, no_sr: bool) -> list[AdapterSpec]:
+    """The ``--lora`` specs, each file read and checked now (before any model loads): a one-line
+    error naming ``--lora`` for a bad spec, a missing file or one that is not an adapter. An SR
+    adapter with ``--no-sr`` has nothing to change: it is dropped with a warning."""
+    from imager.inference.adapters import parse_spec
+    from imager.models.lora import read_adapter
+
+    specs = []
+    for text in texts:
+        spec = parse_spec(text)
+        try:
+            stage = read_adapter(spec.path).stage
+        except CheckpointError as exc:
+            raise CheckpointError(f"--lora: {exc}") from None
+        if stage == "sr" and no_sr:
+            log.warning("--lora %s adapts the super-resolution model, which --no-sr leaves out: not used", spec.path)
+            continue
+        specs.append(spec)
+    return specs
+
+
+def apply_lora(cascade, specs: list[AdapterSpec], *, merge: bool) -> list[dict] | None:
+    """Load the adapters onto the cascade at their weights (merged into the weights with ``merge``);
+    what the PNGs record of them, None without any (so such a PNG is what it was before adapters)."""
+    if not specs:
+        return None
+    from imager.inference.adapters import adapter_record, use_adapters
+
+    try:
+        files = use_adapters(cascade, specs, merge=merge)
+    except ImagerError as exc:
+        message = str(exc)
+        raise type(exc)(message if message.startswith("--lora") else f"--lora: {message}") from None
+    return adapter_record(specs, files)
 
 
 def read_edit(

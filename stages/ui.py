@@ -2,7 +2,9 @@
 
 Not a pipeline stage: like `imager generate` it reads the pipeline's outputs (the train_base and
 train_sr model files of dvc.yaml by default) with params.yaml's `embed` and sampling settings,
-and offers every `cascade` model the evaluate runs logged to MLflow as well.
+and offers every `cascade` model the evaluate runs logged to MLflow as well. Requests may use the
+LoRA adapter files of the `--lora-dir` folders (`data/finetune`, where fine-tuning writes them, by
+default), and no other file.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ log = logging.getLogger("imager")
 MODELS = "Models"
 LIMITS = "Limits per request"
 ACCESS = "Access"
+LORA_DIR = Path("data/finetune")  # where the fine-tuning stages write their adapters
 
 
 @user_errors
@@ -34,6 +37,7 @@ def ui(
     mlflow_models: Annotated[bool, typer.Option("--mlflow/--no-mlflow", help="Also offer every cascade logged to the MLflow store.", rich_help_panel=MODELS)] = True,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda[:i].", rich_help_panel=MODELS)] = "auto",
     threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads of the sampling worker. Default: torch's (the cores).", rich_help_panel=MODELS)] = None,
+    lora_dir: Annotated[list[Path] | None, typer.Option("--lora-dir", metavar="DIR", help=f"A folder of LoRA adapter files requests may use (no file outside these folders is read). Repeatable. Default: {LORA_DIR} if it exists.", rich_help_panel=MODELS)] = None,
     history: Annotated[Path, typer.Option(help="Folder of the generated PNGs (each with its parameters).")] = Path("outputs/history"),
     max_steps: Annotated[int, typer.Option(min=1, help="Most sampling steps a request may ask for.", rich_help_panel=LIMITS)] = 200,
     max_images: Annotated[int, typer.Option(min=1, help="Most images per request.", rich_help_panel=LIMITS)] = 8,
@@ -44,6 +48,7 @@ def ui(
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Serve the web app (http://127.0.0.1:7860) and the HTTP API (/api/v1, docs at /api/v1/docs)."""
+    from imager.app.adapters import AdapterLibrary
     from imager.app.engine import Engine
     from imager.app.history import History
     from imager.app.models import ModelRegistry, files_source, mlflow_source
@@ -72,7 +77,7 @@ def ui(
     limits = Limits(prompt_chars=max_prompt, steps=max_steps, images=max_images, upload_bytes=int(max_upload_mb * 1e6), queue=queue)
     if history.exists() and not history.is_dir():
         raise ConfigError(f"--history: {history} is a file, not a folder")
-    engine = Engine(registry, History(history), limits, threads=threads)
+    engine = Engine(registry, History(history), limits, threads=threads, adapters=AdapterLibrary(adapter_folders(lora_dir)))
     if not is_loopback(host):
         log.warning("listening on %s: anyone who can reach this machine can use the app%s", host, "" if credentials or token else "; protect it with --auth")
     app = create_app(engine, auth=credentials, token=token, ui=not api_only, defaults=form_defaults(p))
@@ -83,6 +88,16 @@ def ui(
         serve(app, host=host, port=port)
     finally:
         engine.close()
+
+
+def adapter_folders(given: list[Path] | None) -> list[Path]:
+    """The ``--lora-dir`` folders, each checked to exist; none given: data/finetune if it exists."""
+    if not given:
+        return [LORA_DIR] if LORA_DIR.is_dir() else []
+    for folder in given:
+        if not folder.is_dir():
+            raise ConfigError(f"--lora-dir: no folder {folder}")
+    return list(given)
 
 
 def form_defaults(p) -> dict:

@@ -12,6 +12,8 @@ GET     /api/v1/history                   the newest images with their parameter
 GET     /api/v1/history/{name}            one image (PNG, parameters in its text chunks)
 POST    /api/v1/params                    the parameters of an uploaded Imager PNG (raw bytes body)
 GET     /api/v1/models                    the models the server offers (the first is the default)
+GET     /api/v1/adapters                  the LoRA adapters a request may name, and whether each fits
+                                          the model (``?model=``, the default one unless given)
 GET     /api/v1/health                    version, queue length, loaded models
 ======  ================================  =============================================================
 
@@ -74,6 +76,10 @@ def router(engine: Engine) -> APIRouter:
     def models() -> dict[str, Any]:
         listed = engine.models.list()
         return {"default": listed[0].id if listed else None, "models": [s.describe() for s in listed], "loaded": engine.models.loaded()}
+
+    @api.get("/adapters")
+    def adapters(model: Annotated[str | None, Query(description="A model id of /models (default: the first).")] = None) -> dict[str, Any]:
+        return engine.available_adapters(model)
 
     @api.post("/generate", status_code=202)
     async def generate(

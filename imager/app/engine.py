@@ -9,6 +9,11 @@ version), so a slow client cannot hold up sampling or anyone else's preview.
 Stop: :meth:`Engine.cancel` sets the job's flag; the next denoiser call sees it and raises, so
 sampling stops within one call. Images finished before the stop are kept (each is a whole PNG,
 written atomically); the one being sampled is dropped. A queued job is simply taken off the queue.
+
+LoRA adapters: a request names files of the server's adapter folders (:mod:`imager.app.adapters`),
+resolved and read when it is queued. Each adapter is loaded onto a cascade once and stays; before
+each job the worker makes exactly that job's adapters active (and those an MLflow model was logged
+with), so another job's adapters never change an image.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from imager.app.adapters import AdapterLibrary
 from imager.app.history import Entry, History, NotFoundError
-from imager.app.models import LoadedModel, ModelRegistry
-from imager.app.request import GenerateRequest, Limits, check_request, decode_upload, parse_request
+from imager.app.models import LoadedModel, ModelRegistry, weights_of
+from imager.app.request import GenerateRequest, Limits, check_request, decode_upload, lora_specs, parse_request
 from imager.errors import ConfigError, ImagerError
 
 log = logging.getLogger("imager")
@@ -66,6 +72,7 @@ class Job:
     notes: list[str] = field(default_factory=list)
     version: int = 0
     edit: Any = None  # the prepared EditInput
+    adapters: list[tuple[str, Any]] = field(default_factory=list)  # (its name in the listing, AdapterSpec of the resolved file)
     cancel_flag: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -99,11 +106,16 @@ class Engine:
     """The queue and its worker thread (started by :meth:`start`, or by the first :meth:`submit`).
 
     ``threads``: torch's CPU threads while the worker samples (None: torch's default), for a
-    server that shares its cores with other work.
+    server that shares its cores with other work. ``adapters``: the LoRA adapter files requests
+    may name (none by default).
     """
 
-    def __init__(self, models: ModelRegistry, history: History, limits: Limits | None = None, *, threads: int | None = None):
+    def __init__(
+        self, models: ModelRegistry, history: History, limits: Limits | None = None, *, threads: int | None = None,
+        adapters: AdapterLibrary | None = None,
+    ):
         self.models, self.history, self.limits, self.threads = models, history, limits or Limits(), threads
+        self.adapters = adapters or AdapterLibrary()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -119,10 +131,11 @@ class Engine:
         check_request(req, self.limits)
         self.models.get(req.model)  # an unknown model fails now, not in the queue
         self._check_sampling(req)
+        adapters = self._adapters(req)
         edit = self._prepare(req)
         if req.seed is None:
             req = req.model_copy(update={"seed": secrets.randbelow(2**31)})
-        job = Job(id=uuid.uuid4().hex[:12], request=req, edit=edit)
+        job = Job(id=uuid.uuid4().hex[:12], request=req, edit=edit, adapters=adapters)
         if edit is not None:
             job.notes.extend(edit.notes)
         with self._cond:
@@ -181,6 +194,18 @@ class Engine:
                 self._cond.wait(left)
             return job.version
 
+    def available_adapters(self, model: str | None = None) -> dict[str, Any]:
+        """The adapter files requests may name, each with whether it fits ``model`` (the default
+        one for None): trained on its weights; None while that model is not loaded."""
+        source = self.models.get(model)
+        loaded = self.models.peek(source.id)
+        known = loaded is not None and bool(loaded.weights)
+        listed = []
+        for a in self.adapters.list():
+            fits = loaded.weights.get(a.stage) == a.base_sha256 if known else None
+            listed.append(a.describe(fits))
+        return {"model": source.id, "loaded": known, "adapters": listed}
+
     def status(self) -> dict[str, Any]:
         with self._cond:
             running = next((j.id for j in self._jobs.values() if j.state == "running"), None)
@@ -217,7 +242,7 @@ class Engine:
             torch.set_num_threads(self.threads)
         if preload:
             try:
-                self.models.load(None)
+                self._load(None)
             except Exception as exc:  # noqa: BLE001 - a request for it will say why; the server keeps serving the others
                 log.error("the default model did not load: %s", exc)
         while True:
@@ -249,7 +274,8 @@ class Engine:
         from imager.inference.images import to_hwc
 
         req = job.request
-        model = self.models.load(req.model)
+        model = self._load(req.model)
+        record = self._use_adapters(model, job.adapters)
         sampling = self._sampling(req, model)
         use_sr = req.use_sr and model.cascade.sr is not None
         edit = job.edit
@@ -294,7 +320,7 @@ class Engine:
             with self._cond:
                 job.stage = "saving"
                 self._bump(job)
-            params = self._params(req, seed, sampling, model, use_sr, pixels.shape[0])
+            params = self._params(req, seed, sampling, model, use_sr, pixels.shape[0], record)
             entry = self.history.save(pixels, params, job=job.id, index=i)
             with self._cond:
                 job.results.append(entry)
@@ -302,6 +328,44 @@ class Engine:
                 self._bump(job)
 
     # --- helpers -------------------------------------------------------------------------------
+    def _load(self, id: str | None) -> LoadedModel:
+        """The model, with the digests of its networks' weights: computed here, in the worker, the
+        one thread that changes its adapters, before any job's adapter is applied."""
+        model = self.models.load(id)
+        if not model.weights:
+            model.weights = weights_of(model.cascade)
+        return model
+
+    def _adapters(self, req: GenerateRequest) -> list[tuple[str, Any]]:
+        """The request's adapters: each name resolved inside the adapter folders and its file read
+        (a ConfigError naming ``lora`` otherwise); with its model loaded, each checked to fit it,
+        so that a foreign adapter fails before the queue, not in it."""
+        from imager.inference.adapters import AdapterSpec
+
+        loaded = self.models.peek(req.model) if req.lora else None
+        out = []
+        for spec in lora_specs(req):
+            name, path = self.adapters.resolve(str(spec.path))
+            adapter = self.adapters.describe(name, path)
+            if loaded is not None and loaded.weights:
+                check_fits(name, adapter, loaded)
+            out.append((name, AdapterSpec(path, spec.scale)))
+        return out
+
+    @staticmethod
+    def _use_adapters(model: LoadedModel, adapters: list[tuple[str, Any]]) -> list[dict[str, Any]] | None:
+        """Make exactly the job's adapters (and the model's logged ones) active on its cascade;
+        what its PNGs record of the job's, None without any."""
+        from imager.inference.adapters import adapter_record, use_adapters
+
+        specs = [spec for _, spec in adapters]
+        try:
+            files = use_adapters(model.cascade, [*model.adapters, *specs])
+        except ImagerError as exc:
+            raise ConfigError(f"lora: {str(exc).removeprefix('--lora: ')}") from None
+        record = adapter_record(specs, files[len(model.adapters) :])
+        return [r | {"file": name} for r, (name, _) in zip(record, adapters, strict=True)] or None
+
     def _prepare(self, req: GenerateRequest):
         """The request's image and mask read and checked (edit.prepare: decompression bombs, sizes,
         modes), or None for text to image."""
@@ -380,14 +444,14 @@ class Engine:
         return max(left_this + later, 0.0)
 
     @staticmethod
-    def _params(req: GenerateRequest, seed: int, sampling, model: LoadedModel, use_sr: bool, size: int) -> dict[str, Any]:
+    def _params(req: GenerateRequest, seed: int, sampling, model: LoadedModel, use_sr: bool, size: int, adapters: list | None = None) -> dict[str, Any]:
         """What the PNG records: the request as it was sampled (the model's defaults filled in)."""
         from imager.inference.metadata import image_params
 
         return image_params(
             prompt=req.prompt, negative_prompt=req.negative_prompt, seed=seed, sampling=sampling, use_sr=use_sr, mode=req.resolved_mode(),
             size=size, identity=model.identity, mask=req.mask is not None or bool(req.outpaint), mask_blur=req.mask_blur, outpaint=req.outpaint,
-            model=model.source.id, model_label=model.source.label,
+            adapters=adapters, model=model.source.id, model_label=model.source.label,
         )  # fmt: skip
 
     def _note(self, job: Job, note: str) -> None:
@@ -419,6 +483,19 @@ class Engine:
         finished = [k for k, j in self._jobs.items() if j.finished_state]
         for key in finished[: max(0, len(self._jobs) - KEEP_JOBS)]:
             del self._jobs[key]
+
+
+def check_fits(name: str, adapter: Any, model: LoadedModel) -> None:
+    """A ConfigError naming the adapter unless it was trained on ``model``'s weights of its stage."""
+    have = model.weights.get(adapter.stage)
+    stage = "super-resolution" if adapter.stage == "sr" else "base"
+    if have is None:
+        raise ConfigError(f"lora: {name}: adapts the {stage} model, and the model '{model.source.id}' has none")
+    if have != adapter.base_sha256:
+        raise ConfigError(
+            f"lora: {name}: trained on another {stage} model (weights {adapter.base_sha256[:12]}, the model '{model.source.id}' has "
+            f"{have[:12]}); GET /api/v1/adapters says which adapters fit"
+        )
 
 
 def milestone(state: dict[str, Any], last: dict[str, Any] | None) -> bool:

@@ -4,7 +4,8 @@ first out).
 
 A loaded model is what sampling needs: the :class:`Cascade`, its text encoder, its default
 sampling settings and its identity for the PNGs it makes (the files' SHA-256, or the MLflow run
-and model URI).
+and model URI); and, for LoRA adapters, the adapters an MLflow model was logged with and the digest
+of each network's weights, which says which adapter files fit it.
 """
 
 from __future__ import annotations
@@ -55,6 +56,16 @@ class LoadedModel:
     encoder: Any  # a text encoder
     sampling: CascadeSampling
     identity: dict[str, str]
+    adapters: list[Any] = field(default_factory=list)  # AdapterSpecs logged with an MLflow model: active in every job
+    weights: dict[str, str] = field(default_factory=dict)  # stage -> lora.weights_sha256 of its network (the engine's worker fills it)
+
+
+def weights_of(cascade: Any) -> dict[str, str]:
+    """Stage -> the digest of its network's weights, the identity an adapter file names."""
+    from imager.models.lora import weights_sha256
+
+    stages = {"base": cascade.base, "sr": cascade.sr}
+    return {name: weights_sha256(stage.model) for name, stage in stages.items() if stage is not None}
 
 
 def files_source(base: str | Path, sr: str | Path | None, *, id: str = "workspace", label: str | None = None) -> ModelSource:
@@ -185,6 +196,12 @@ class ModelRegistry:
                 self._cache.popitem(last=False)
             return model
 
+    def peek(self, id: str | None) -> LoadedModel | None:
+        """The model of ``id`` if it is loaded, without loading it."""
+        source = self.get(id)
+        with self._lock:
+            return self._cache.get(source.id)
+
     def loaded(self) -> list[str]:
         with self._lock:
             return list(self._cache)
@@ -221,4 +238,5 @@ class ModelRegistry:
             raise ConfigError(f"model: '{source.uri}' is not an Imager cascade model")
         run_id = source.run_id or getattr(model.metadata, "run_id", None)
         identity = {"model_uri": str(source.uri)} | ({"mlflow_run_id": run_id} if run_id else {})
-        return LoadedModel(source, inner.cascade, inner.encoder, inner.sampling, identity)
+        logged = [spec for _, spec in getattr(inner, "adapters", ())]
+        return LoadedModel(source, inner.cascade, inner.encoder, inner.sampling, identity, adapters=logged)

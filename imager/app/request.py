@@ -11,15 +11,19 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from imager.errors import ConfigError
 
+if TYPE_CHECKING:
+    from imager.inference.adapters import AdapterSpec
+
 Mode = Literal["text", "img2img", "inpaint", "outpaint", "sketch"]
 IMG2IMG_STRENGTH = 0.75  # AUTOMATIC1111's default denoising strength: keeps the layout, redraws the detail
 SEED_MAX = 2**31 - 1
+MAX_ADAPTERS = 16  # as imager.inference.adapters.MAX_ADAPTERS, without importing torch here
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,8 @@ class GenerateRequest(BaseModel):
     Unset sampling fields take the model's defaults (params.yaml's ``sampler`` and ``evaluate``,
     or the settings an MLflow model was logged with). ``seed`` None draws a random seed, which the
     job reports; image ``i`` of the request is made with ``seed + i`` alone, so any image is made
-    again from its own seed with ``num_images`` 1.
+    again from its own seed with ``num_images`` 1. ``lora``: adapters of the server's adapter folders
+    as ``NAME[:SCALE]`` (``GET /api/v1/adapters`` lists them), each at its weight (default 1).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -64,6 +69,7 @@ class GenerateRequest(BaseModel):
     mask_blur: float = Field(0.0, ge=0, le=64)
     outpaint: str | None = None
     model: str | None = None
+    lora: list[Annotated[str, Field(min_length=1, max_length=1024)]] = Field(default_factory=list, max_length=MAX_ADAPTERS)
     preview_every: int = Field(1, ge=1, le=1000)
 
     def resolved_mode(self) -> Mode:
@@ -133,6 +139,21 @@ def check_request(req: GenerateRequest, limits: Limits) -> None:
             size = len(value) * 3 // 4
             if size > limits.upload_bytes:
                 raise ConfigError(f"{name}: {size / 1e6:.1f} MB, more than the limit of {limits.upload_bytes / 1e6:.1f} MB")
+    lora_specs(req)
+
+
+def lora_specs(req: GenerateRequest) -> list[AdapterSpec]:
+    """The request's adapters as (name, weight) specs, the names not resolved yet; a ConfigError
+    naming ``lora`` for an entry that is not ``NAME[:SCALE]`` with a weight in [-100, 100]."""
+    from imager.inference.adapters import parse_spec
+
+    specs = []
+    for text in req.lora:
+        try:
+            specs.append(parse_spec(text))
+        except ConfigError as exc:
+            raise ConfigError(f"lora: {str(exc).removeprefix('--lora: ')}") from None
+    return specs
 
 
 DATA_URL = re.compile(r"^data:[\w/+.-]+;base64,")
@@ -152,7 +173,8 @@ def decode_upload(text: str, what: str, limits: Limits) -> bytes:
     return data
 
 
-# The request fields a history PNG carries and "use these parameters" gives back to the form.
+# The request fields a history PNG carries and "use these parameters" gives back to the form (and
+# lora, from the PNG's adapters).
 RECALLED = (
     "prompt", "negative_prompt", "seed", "sampler", "steps", "guidance", "sr_steps", "sr_guidance", "threshold", "use_sr", "mode",
     "strength", "sr_strength", "resample", "mask_blur", "outpaint", "model",
@@ -161,4 +183,16 @@ RECALLED = (
 
 def recalled(params: dict[str, Any]) -> dict[str, Any]:
     """The request fields of an image's parameters (the rest describe the result, not the request)."""
-    return {k: params[k] for k in RECALLED if k in params}
+    found = {k: params[k] for k in RECALLED if k in params}
+    lora = recalled_lora(params.get("adapters"))
+    return found | ({"lora": lora} if lora else {})
+
+
+def recalled_lora(adapters: Any) -> list[str]:
+    """``NAME:SCALE`` of each adapter an image records; an entry that is not one (a PNG is anyone's
+    file) is left out rather than failing the whole restore."""
+    out = []
+    for a in adapters if isinstance(adapters, list) else []:
+        if isinstance(a, dict) and isinstance(a.get("file"), str) and isinstance(a.get("scale"), int | float) and not isinstance(a.get("scale"), bool):
+            out.append(f"{a['file']}:{a['scale']:g}")
+    return out[:MAX_ADAPTERS]

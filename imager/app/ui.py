@@ -7,8 +7,9 @@ callbacks in :func:`build_ui` only convert between components and those function
 A form is a dict of field name -> component value: the :class:`GenerateRequest` fields, plus
 ``image`` (the upload of img2img and outpainting), ``editor`` (the inpainting canvas: a dict of
 ``background``, ``layers``, ``composite``; the drawn layers' opaque pixels are the mask) and
-``sketch`` (the drawing canvas, sent as mode ``sketch``). Gradio is imported by :func:`build_ui`
-alone, so the functions cost no Gradio import.
+``sketch`` (the drawing canvas, sent as mode ``sketch``); ``lora`` is one text of the LoRA adapters,
+``name:weight, name:weight`` (the adapters the server offers are listed under it). Gradio is
+imported by :func:`build_ui` alone, so the functions cost no Gradio import.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ STAGES = {"base": "base", "sr": "super-resolution"}
 # The form fields "use these parameters" and a dropped PNG set, in the order of build_ui's outputs.
 RESTORED = (
     "model", "mode", "prompt", "negative_prompt", "seed", "sampler", "steps", "guidance", "num_images", "use_sr", "sr_steps",
-    "sr_guidance", "threshold", "strength", "sketch_strength", "sr_strength", "mask_blur", "resample", "outpaint",
+    "sr_guidance", "threshold", "strength", "sketch_strength", "sr_strength", "mask_blur", "resample", "outpaint", "lora",
 )  # fmt: skip
 
 
@@ -64,6 +65,7 @@ def request_from_form(form: dict[str, Any]) -> dict[str, Any]:
         "sampler": form.get("sampler") or None, "steps": _whole(form.get("steps")), "guidance": form.get("guidance"),
         "threshold": form.get("threshold") or None, "num_images": _whole(form.get("num_images")) or 1, "use_sr": use_sr,
         "model": form.get("model") or None, "mode": mode, "preview_every": _whole(form.get("preview_every")) or 1,
+        "lora": lora_entries(form.get("lora")) or None,
     }  # fmt: skip
     if use_sr:
         data |= {"sr_steps": _whole(form.get("sr_steps")), "sr_guidance": form.get("sr_guidance")}
@@ -82,6 +84,11 @@ def request_from_form(form: dict[str, Any]) -> dict[str, Any]:
     elif mode == "sketch":
         data |= {"image": sketch_png(form.get("sketch")), "strength": form.get("sketch_strength")}
     return {k: v for k, v in data.items() if v is not None}
+
+
+def lora_entries(text: Any) -> list[str]:
+    """The adapters of the form's text, ``name:weight, name`` -> one entry each (the engine checks them)."""
+    return [t.strip() for t in str(text or "").split(",") if t.strip()]
 
 
 def _seed(value: Any) -> Any:
@@ -276,6 +283,7 @@ def form_from_params(params: dict[str, Any], model_ids: list[str]) -> tuple[dict
         notes.append(f"the sampler '{form.pop('sampler')}' is not known here; the selected sampler is kept")
     mode = found.get("mode", "text")
     form |= {"mode": mode, "num_images": 1, "sr_strength": found.get("sr_strength"), "resample": found.get("resample")}
+    form["lora"] = ", ".join(found.get("lora", []))  # none: the field is emptied, or the adapters of the last image would stay
     if "strength" in found and mode in STRENGTH_FIELD:
         form[STRENGTH_FIELD[mode]] = found["strength"]
     model = found.get("model")
@@ -298,6 +306,19 @@ def model_choices(engine: Engine, refresh: bool = False) -> list[tuple[str, str]
     return [(s.label, s.id) for s in engine.models.list(refresh=refresh)]
 
 
+def adapter_note(engine: Engine, model: str | None) -> str:
+    """The adapters the server offers, as the markdown under the form's LoRA field."""
+    try:
+        listed = engine.available_adapters(model)
+    except ConfigError as exc:
+        return html.escape(str(exc))
+    if not listed["adapters"]:
+        return "No LoRA adapters on this server (`imager ui --lora-dir DIR` offers a folder of them)."
+    fits = {True: "", False: ", trained on another model", None: ""}
+    lines = [f"- `{a['name'].replace('`', '')}` ({a['stage']}, rank {a['rank']}{fits[a['fits']]})" for a in listed["adapters"]]
+    return "Adapters of this server, to give as `name:weight, ...` (weight 1 if left out):\n\n" + "\n".join(lines)
+
+
 def form_defaults(defaults: dict[str, Any] | None) -> dict[str, Any]:
     """The form's initial sampling values: ``defaults`` over the library's own."""
     from imager.inference import CascadeSampling
@@ -312,7 +333,7 @@ def form_defaults(defaults: dict[str, Any] | None) -> dict[str, Any]:
 # The form's components, in the order of the generate endpoint's parameters (gradio_client's names).
 FORM = (
     "prompt", "negative_prompt", "mode", "model", "seed", "sampler", "steps", "guidance", "num_images", "threshold", "use_sr",
-    "sr_steps", "sr_guidance", "sr_strength", "strength", "sketch_strength", "outpaint", "mask_blur", "resample", "preview_every",
+    "sr_steps", "sr_guidance", "sr_strength", "strength", "sketch_strength", "outpaint", "mask_blur", "resample", "preview_every", "lora",
 )  # fmt: skip
 
 
@@ -383,6 +404,9 @@ def _form(c: dict[str, Any], engine: Engine, d: dict[str, Any]) -> None:
         c["sr_steps"] = gr.Slider(1, steps_max, value=d["sr_steps"], step=1, label="SR steps", elem_id="sr_steps")
         c["sr_guidance"] = gr.Slider(0, 30, value=d["sr_guidance"], step=0.1, label="SR guidance", elem_id="sr_guidance")
         c["sr_strength"] = gr.Number(None, minimum=0.01, maximum=1, label="SR strength of edits (blank: the model's)", elem_id="sr_strength")
+    with gr.Accordion("LoRA adapters", open=False):
+        c["lora"] = gr.Textbox(label="Adapters and weights", placeholder="pixel-art.safetensors:0.8, outline.safetensors", elem_id="lora")
+        c["adapters"] = gr.Markdown(adapter_note(engine, c["model"].value), elem_id="adapters")
     with gr.Accordion("Advanced", open=False):
         c["preview_every"] = gr.Number(1, precision=0, minimum=1, maximum=1000, label="Preview every N steps", elem_id="preview_every")
         c["mask_blur"] = gr.Slider(0, 64, value=0, step=1, label="Mask blur (inpaint, outpaint), pixels", elem_id="mask_blur")
@@ -424,9 +448,9 @@ def _wire(page: gr.Blocks, c: dict[str, Any], engine: Engine) -> None:
 
     # The fields whose components start blank are named here with None defaults: gradio_client
     # makes every other parameter without an initial value a required one.
-    def on_generate(*, prompt: Any = None, negative_prompt: Any = None, sr_strength: Any = None, resample: Any = None,
+    def on_generate(*, prompt: Any = None, negative_prompt: Any = None, sr_strength: Any = None, resample: Any = None, lora: Any = None,
                     image: Any = None, editor: Any = None, sketch: Any = None, **fields: Any) -> Iterator[tuple]:  # fmt: skip
-        blank = {"prompt": prompt, "negative_prompt": negative_prompt, "sr_strength": sr_strength, "resample": resample}
+        blank = {"prompt": prompt, "negative_prompt": negative_prompt, "sr_strength": sr_strength, "resample": resample, "lora": lora}
         frames = generate(engine, fields | blank | {"image": image, "editor": editor, "sketch": sketch})
         with contextlib.closing(frames):  # Gradio closing this generator (the page went away) stops the job
             try:
@@ -460,6 +484,8 @@ def _wire(page: gr.Blocks, c: dict[str, Any], engine: Engine) -> None:
 
     c["refresh_models"].click(on_models, c["model"], c["model"], **private)
     page.load(lambda current: on_models(current, refresh=False), c["model"], c["model"], **private)  # the registry's cached listing
+    c["model"].change(lambda model: adapter_note(engine, model), c["model"], c["adapters"], **private)
+    page.load(lambda model: adapter_note(engine, model), c["model"], c["adapters"], **private)  # files added since the page was built
 
     history = [c["history"], c["names"]]
     c["history_refresh"].click(lambda: history_items(engine), None, history, **private)

@@ -9,7 +9,8 @@ Pillow's ``Image.open(p).text``), and the whole set as JSON in the ``imager`` ch
     read_params(Path("apple.png").read_bytes())   # {"prompt": "red apple", "seed": 3, ...}
 
 The model is identified by its files' SHA-256 (``base_sha256``, ``sr_sha256``) or by the MLflow
-model it came from (``mlflow_run_id``, ``model_uri``); ``imager_version`` is the package's version.
+model it came from (``mlflow_run_id``, ``model_uri``), and the LoRA adapters applied to it by
+``adapters`` (each file, weight, SHA-256, stage and rank); ``imager_version`` is the package's version.
 """
 
 from __future__ import annotations
@@ -61,11 +62,13 @@ def image_params(
     mask: bool = False,
     mask_blur: float | None = None,
     outpaint: str | None = None,
+    adapters: list[dict[str, Any]] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """The parameters an image records: the request as it was sampled (``sampling``, a
     :class:`~imager.inference.config.CascadeSampling`, with every default filled in), the model's
-    ``identity`` and Imager's version; None values are left out."""
+    ``identity``, the LoRA ``adapters`` that changed it (:func:`~imager.inference.adapters.adapter_record`)
+    and Imager's version; None values are left out, so an image made without adapters records none."""
     import time
 
     edit = mode != "text"
@@ -75,7 +78,7 @@ def image_params(
         "sr_steps": sampling.sr.steps if use_sr else None, "sr_guidance": sampling.sr.guidance if use_sr else None, "use_sr": use_sr,
         "mode": mode, "strength": sampling.strength if edit else None, "sr_strength": sampling.sr_strength if edit and use_sr else None,
         "resample": sampling.resample if mask else None, "mask_blur": mask_blur if edit else None, "outpaint": outpaint if edit else None,
-        "size": size, **extra, **identity, "imager_version": imager_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "size": size, **extra, "adapters": adapters or None, **identity, "imager_version": imager_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }  # fmt: skip
     return {k: v for k, v in params.items() if v is not None}
 
