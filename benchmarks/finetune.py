@@ -26,7 +26,7 @@ from torch import nn
 
 from benchmarks.measure import PeakMemory, interleaved, measure_peak, median
 from benchmarks.models import LR, Batch, imager_unet, random_batch
-from benchmarks.report import TARGETS, Comparison
+from benchmarks.report import Comparison
 from benchmarks.training import MEMORY_ROUNDS, MEMORY_STEPS
 from imager.models import lora
 from imager.models.config import LoraSettings, UNetConfig
@@ -41,9 +41,6 @@ FULL = "full"
 EMA_DECAY = 0.995  # train_base's cap; the decay does not change the update's cost
 REGION = (f"building the model, its adapters, AdamW and the EMA copy, then {MEMORY_STEPS} steps, each variant alone; "
           f"median of {MEMORY_ROUNDS} alternating measurements after one unmeasured run of each")
-# The report's table of targets names every row key; these rows report their ratios without one.
-FINETUNE_TARGETS = {"finetune_speed": None, "finetune_memory": None, "finetune_trainable": None, "finetune_file": None}
-TARGETS.update(FINETUNE_TARGETS)
 
 
 def variant_name(rank: int | None) -> str:

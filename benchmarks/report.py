@@ -36,6 +36,11 @@ TARGETS: dict[str, tuple[Literal[">=", "<="], float] | None] = {
     "ui_final_image": ("<=", 1.1),
     "ui_throughput": (">=", 0.9),
     "ui_memory": ("<=", 1.5),
+    # LoRA against full fine-tuning of the same base model: what it costs (reported, no target)
+    "finetune_speed": None,
+    "finetune_memory": None,
+    "finetune_trainable": None,
+    "finetune_file": None,
 }
 MET, NOT_MET, NO_TARGET = "✅ met", "❌ not met", "—"
 

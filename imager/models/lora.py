@@ -209,14 +209,21 @@ def load_adapter(model: nn.Module, adapter: AdapterFile, name: str, *, base_sha2
         raise CheckpointError(f"{adapter.path}: the model has no layer {missing[0]}")
     inject(model, adapter.settings, name, targets=adapter.layers)
     layers = lora_layers(model)
-    with torch.no_grad():
-        for path in adapter.layers:
-            layer = layers[path]
-            for part, weights in (("lora_A", layer.lora_A[name].weight), ("lora_B", layer.lora_B[name].weight)):
-                value = adapter.tensors[f"{path}.{part}.weight"]
-                if value.shape != weights.shape:
-                    raise CheckpointError(f"{adapter.path}: {path}.{part}.weight has shape {tuple(value.shape)}, the model's is {tuple(weights.shape)}")
-                weights.copy_(value.to(weights.dtype))
+    try:
+        with torch.no_grad():
+            for path in adapter.layers:
+                layer = layers[path]
+                for part, weights in (("lora_A", layer.lora_A[name].weight), ("lora_B", layer.lora_B[name].weight)):
+                    value = adapter.tensors.get(f"{path}.{part}.weight")
+                    if value is None or value.shape != weights.shape:
+                        got = "missing" if value is None else f"shape {tuple(value.shape)}"
+                        raise CheckpointError(f"{adapter.path}: {path}.{part}.weight is {got}, the model's is {tuple(weights.shape)}")
+                    weights.copy_(value.to(weights.dtype))
+    except CheckpointError:
+        for layer in layers.values():  # leave the model as it was
+            if name in layer.lora_A:
+                layer.delete_adapter(name)
+        raise
     model.requires_grad_(False)
 
 

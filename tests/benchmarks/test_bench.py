@@ -26,7 +26,8 @@ from imager import config as imager_config
 from tests.conftest import REPO
 
 runner = CliRunner()
-ROWS = ("training_speed", "training_utilisation", "training_memory", "sampling_speed", "embedding_cache", "data_loading")
+ROWS = ("training_speed", "training_utilisation", "training_memory", "sampling_speed", "embedding_cache", "data_loading",
+        "finetune_speed", "finetune_memory", "finetune_trainable", "finetune_file")
 # diffusers' DPM scheduler calls np.array on a torch tensor (its code, numpy 2): harmless here
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

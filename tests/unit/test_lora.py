@@ -241,3 +241,16 @@ def test_settings_validation():
     for bad in ({"rank": 0}, {"dropout": 1.0}, {"targets": []}, {"targets": "everything"}):
         with pytest.raises(ValidationError):
             LoraSettings(**bad)
+
+
+def test_a_malformed_adapter_is_refused_and_leaves_the_model_as_it_was(tmp_path):
+    f = L.read_adapter(adapted(tmp_path, seed=1))
+    key = next(k for k in f.tensors if k.endswith("lora_B.weight"))
+    bad = L.AdapterFile(f.path, f.stage, f.base_sha256, f.settings, {**f.tensors, key: torch.zeros(3, 1)}, f.extra)
+    m = model()
+    reference = out(m)
+    with pytest.raises(CheckpointError, match="lora_B.weight is shape"):
+        L.load_adapter(m, bad, "x", base_sha256=L.weights_sha256(m))
+    assert "x" not in L.adapter_names(m) and torch.equal(out(m), reference)
+    L.load_adapter(m, f, "x", base_sha256=L.weights_sha256(m))  # the name is free again
+    assert "x" in L.adapter_names(m)
