@@ -143,6 +143,7 @@ def evaluate_finetune(
     from imager.evaluation.finetune import evaluate_finetune as run_eval
     from imager.inference import Cascade, check_sampling, resolve_device
     from imager.inference.adapters import AdapterSpec
+    from imager.models import load_model
     from imager.models.lora import read_adapter
     from imager.text.cache import EmbeddingCache
     from stages.evaluate import EVALUATOR_FILE, _save_png
@@ -167,8 +168,7 @@ def evaluate_finetune(
             variants, load_evaluator(evaluator / EVALUATOR_FILE), data_shards=shards, data_cache=EmbeddingCache(embeddings),
             colour_shards=colour_shards, colour_cache=EmbeddingCache(colour_embeddings), evaluate=ev, edits=p.edits, cfg=fe, sampler=p.sampler,
         )
-        model_params = sum(t.numel() for t in cascade.base.model.state_dict().values())
-        cost = {"full": {"trainable_parameters": model_params, "file_bytes": (full / MODEL).stat().st_size}}
+        cost = {"full": {"trainable_parameters": sum(p.numel() for p in load_model(full / MODEL).parameters()), "file_bytes": (full / MODEL).stat().st_size}}
         for r in ranks:
             f = read_adapter(adapters[r])
             cost[f"lora_r{r}"] = {"trainable_parameters": f.parameters, "file_bytes": adapters[r].stat().st_size}
