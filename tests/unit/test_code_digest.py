@@ -102,6 +102,8 @@ NOT_TRAINING_MATH = {
     # sampling draws the grids, which the weights never see (inference/images.py, the image helpers, is training code)
     "imager.inference", "imager.inference.config", "imager.inference.sampling", "imager.inference.cascade",
     "imager.data.config", "imager.text.config", "imager.text.factory",
+    # the sha256 of the file a fine-tune starts from: its own part of the fingerprint (training/init.py)
+    "imager.inference.metadata",
 }  # fmt: skip
 
 
