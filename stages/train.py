@@ -50,7 +50,9 @@ def _train(section: str, shards: Path, embeddings: Path, out: Path, checkpoints:
                 # Run times, and the step a resumed run started from, describe this run, not its result.
                 summary, timings = split_timings(summary, "images_per_second", "wall_seconds", "resumed_from_step")
                 finish(run, summary, report, started, prefix="summary.", timings=timings)
-                run.log_artifact(out / "model.safetensors", "model")
+                for name in ("model.safetensors", "adapter.safetensors"):  # a LoRA run writes the adapter
+                    if (out / name).is_file():
+                        run.log_artifact(out / name, "model")
     finally:
         shutdown(dist)
 

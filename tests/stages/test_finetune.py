@@ -148,3 +148,20 @@ def test_init_from_errors_are_one_line(data, base_model, tmp_path):
     with pytest.raises(Exception, match="lora: needs init_from"):
         Trainer(cfg, BaseTask(cfg), shards_dir=data["shards"], cache_dir=data["emb"], ckpt_dir=tmp_path / "ck", seed=0, dist=Dist())
     assert EmbeddingCache(data["emb"]).meta  # the fixture's cache is intact
+
+
+def test_train_sr_fine_tunes_from_init_from_and_takes_a_lora_adapter(data, tmp_path):
+    params = write_params(tmp_path / "params.yaml")
+    train("train-sr", data, tmp_path, params, "sr")
+    source = tmp_path / "sr_out"
+    tuned = write_params(tmp_path / "tuned.yaml", train_sr={"steps": 4, "checkpoint_every": 2, "grid": {"every": 2}})
+    args = ["train-sr", "--params", str(tuned), "--shards", str(data["shards"]), "--embeddings", str(data["emb"]), "--init-from", str(source)]
+    run([*args, "--out", str(tmp_path / "full_out"), "--checkpoints", str(tmp_path / "full_ck"), "--report", str(tmp_path / "full.json")])
+    meta = json.loads(load_meta(tmp_path / "full_out" / "model.safetensors"))
+    assert meta["extra"]["init_from"]["sha256"] == file_sha256(source / "model.safetensors") and meta["config"]["super_resolution"]
+    adapter_params = write_params(tmp_path / "lora.yaml", train_sr={"steps": 4, "checkpoint_every": 2, "grid": {"every": 2}, "lora": {"rank": 2}})
+    args[2] = str(adapter_params)
+    report = run([*args, "--out", str(tmp_path / "lora_out"), "--checkpoints", str(tmp_path / "lora_ck"), "--report", str(tmp_path / "lora.json")])
+    adapter = L.read_adapter(tmp_path / "lora_out" / "adapter.safetensors")
+    assert adapter.stage == "sr" and adapter.base_sha256 == L.weights_sha256(load_model(source / "model.safetensors"))
+    assert report["trainable_parameters"] == adapter.parameters < report["parameters"]
