@@ -26,7 +26,7 @@ from imager.errors import ConfigError
 from imager.evaluation.config import Edits, Evaluate, Evaluator
 from imager.schema import SamplerName, Section
 from imager.text.config import Embed
-from imager.training.config import Finetune, TrainBase, TrainSR
+from imager.training.config import Control, Finetune, TrainBase, TrainSR
 
 SAMPLERS = get_args(SamplerName)
 
@@ -85,6 +85,7 @@ class Params(Section):
     edits: Edits = Edits()
     datasets: dict[str, DatasetSpec] = {}
     finetune: Finetune = Finetune()
+    control: Control = Control()
 
     @model_validator(mode="after")
     def _resolvable(self) -> Params:
@@ -96,6 +97,14 @@ class Params(Section):
             raise ValueError(f"finetune.dataset: '{self.finetune.dataset}' is not one of datasets ({', '.join(self.datasets)})")
         self.finetune_base()
         self.finetune_lora()
+        if self.control.variants and self.control.default not in self.control.variants:
+            raise ValueError(f"control.default: '{self.control.default}' is not one of control.variants ({', '.join(self.control.variants)})")
+        for name in self.control.variants:
+            if not re.fullmatch(r"[A-Za-z0-9][\w-]*", name):
+                raise ValueError(f"control.variants: a name must be letters, digits, _ or -, got '{name}'")
+            self.control_train(name)
+        if self.datasets and self.control.pairs not in self.datasets:
+            raise ValueError(f"control.pairs: '{self.control.pairs}' is not one of datasets ({', '.join(self.datasets)})")
         return self
 
     def dataset_sections(self, name: str) -> tuple[Download, Shard, Embed]:
@@ -118,6 +127,12 @@ class Params(Section):
         changes = {"lora": {}, **self.finetune.lora}  # LoraSettings' defaults unless given
         cfg = _overlaid(TrainBase, self.train_base, changes, "finetune.lora")
         return cfg if rank is None else cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"rank": rank})})
+
+    def control_train(self, name: str) -> TrainBase:
+        """``train_base`` with ``control.variants.<name>``'s keys replaced: a control's training run."""
+        if name not in self.control.variants:
+            raise ValueError(f"control.variants: no variant named '{name}' (known: {', '.join(self.control.variants) or 'none'})")
+        return _overlaid(TrainBase, self.train_base, {"control": {}, **self.control.variants[name]}, f"control.variants.{name}")
 
 
 # ------------------------------------------------------------------------------------- messages

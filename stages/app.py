@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from stages.control import evaluate_control, train_control
 from stages.download import download
 from stages.embed import embed
 from stages.evaluate import evaluate, evaluate_edits, train_evaluator
@@ -20,7 +21,8 @@ app = typer.Typer(
         "Imager: text-to-image diffusion as a DVC pipeline.\n\n"
         "Each command but `generate` is one stage of dvc.yaml: check-params, then download -> shard -> "
         "embed -> train-base, train-sr, train-evaluator -> evaluate, evaluate-edits; finetune/dvc.yaml adds finetune, train-lora and "
-        "evaluate-finetune. Run them all with `dvc repro` (and `dvc repro finetune/dvc.yaml`); params "
+        "evaluate-finetune, control/dvc.yaml train-control and evaluate-control. Run them all with `dvc repro` (and `dvc repro finetune/dvc.yaml`, "
+        "`dvc repro control/dvc.yaml`); params "
         "live in params.yaml. `imager generate \"red apple\" --out apple.png` draws with the result; `imager ui` serves the web app and HTTP API."
     ),
     no_args_is_help=True,
@@ -40,6 +42,8 @@ app.command("evaluate-edits")(evaluate_edits)
 app.command()(finetune)
 app.command("train-lora")(train_lora)
 app.command("evaluate-finetune")(evaluate_finetune)
+app.command("train-control")(train_control)
+app.command("evaluate-control")(evaluate_control)
 app.command()(generate)
 app.command()(ui)
 

@@ -15,16 +15,21 @@ the text encoder (:func:`encode_prompts`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from imager.errors import CheckpointError, ConfigError
+from imager.inference.conditions import resize_condition
 from imager.inference.config import CascadeSampling, SRSampling
 from imager.inference.images import noise_augment, resize, resize_mask
 from imager.inference.sampling import Cond, Stage, overlay_known
+
+if TYPE_CHECKING:
+    from imager.models.control import ControlInput
 
 Tensor = torch.Tensor
 SR_NOISE_OFFSET = 1_000_003  # the SR input's augmentation noise is seeded apart from the sampler's
@@ -90,6 +95,7 @@ class Cascade:
         mask: Tensor | None = None,
         overlay: bool = True,
         on_denoise: Callable[[str, Tensor], None] | None = None,
+        control: Sequence[ControlInput] = (),
     ) -> tuple[Tensor, Tensor | None]:
         """(base (B, 3, r, r), sr (B, 3, R, R) or None) in [-1, 1], on the CPU, for ``cond``.
 
@@ -109,6 +115,9 @@ class Cascade:
         ``on_denoise(stage, x̂0)`` sees each stage's guided x̂0 (``"base"`` or ``"sr"``, the batch's
         (b, 3, r, r)) after every denoiser call: live previews and progress. An exception it raises
         stops sampling there (a Stop button), with nothing returned.
+
+        ``control``: trained spatial controls of the base model (:class:`~imager.models.control.ControlInput`),
+        each condition (B or 1, 1, S, S) in [0, 1] area-averaged to the base resolution here.
         """
         tokens, text_mask, pooled = cond
         n = tokens.shape[0]
@@ -125,6 +134,7 @@ class Cascade:
             if on_batch is not None:
                 on_batch(n)
             return resize(image, self.base.resolution), resize(image, self.sr.resolution) if sr_used else None  # type: ignore[union-attr]
+        control = [replace(c, condition=resize_condition(c.condition.cpu(), self.base.resolution)) for c in control]
         base_in = self._inputs(self.base, cfg.strength, image, mask)
         sr_in = self._inputs(self.sr, cfg.sr_strength, image, mask) if sr_used else (None, None)  # type: ignore[arg-type]
         bases, srs = [], []
@@ -135,6 +145,7 @@ class Cascade:
             raw = self.base.sample(
                 c, base_cfg, seed=cfg.seed + start, negative=neg, init=init, mask=known, strength=cfg.strength, resample=cfg.resample, overlay=False,
                 on_denoise=None if on_denoise is None else partial(on_denoise, "base"),
+                control=[replace(k, condition=_batch_rows(k.condition, start, cfg.batch_size)) for k in control],
             )  # fmt: skip
             base = raw if known is None else overlay_known(raw, init, known)
             bases.append((base if overlay else raw).cpu())

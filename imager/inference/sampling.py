@@ -15,9 +15,10 @@ for the deterministic samplers; a stochastic sampler adds them up over its steps
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +28,9 @@ from imager.errors import CheckpointError, ConfigError, SamplerError
 from imager.inference.config import StageSampling
 from imager.models.checkpoint import load_model, read_checkpoint_meta
 from imager.samplers import cfg_net, get_sampler, model_denoiser, sample, thresholded
+
+if TYPE_CHECKING:
+    from imager.models.control import ControlInput
 
 Tensor = torch.Tensor
 Cond = tuple[Tensor, Tensor, Tensor]  # tokens (B, L, D), mask (B, L) bool, pooled (B, P)
@@ -142,6 +146,7 @@ class Stage:
         strength: float = 1.0,
         resample: int = 1,
         overlay: bool = True,
+        control: Sequence[ControlInput] = (),
     ) -> Tensor:
         """(B, 3, R, R) samples in [-1, 1] on the model's device for the text condition ``cond``.
 
@@ -157,6 +162,11 @@ class Stage:
         ``strength`` < 1, and the known image of inpainting when ``mask`` (B or 1, 1, R, R) in
         [0, 1], 1 = repaint, is given (``resample``: RePaint's resampling); the known pixels
         are then overlaid on the result (``overlay``), so they come back exactly where mask = 0.
+
+        ``control``: trained spatial controls (:class:`~imager.models.control.ControlInput`: a
+        ControlNet or adapter with its line map (B or 1, 1, R, R), weight and window), base model
+        only; their residuals add up, and they act on the conditional and unconditional halves of
+        guidance alike, so guidance contrasts the texts. Scale 0 or outside its window a control is not run.
         """
         if cfg.sampler is None:
             raise SamplerError("no sampler given; set the stage's or the cascade's sampler")
@@ -168,7 +178,21 @@ class Stage:
         tokens, text_mask, pooled = _with_null_rows((tokens, text_mask, pooled), uncond)  # empty prompts
         if negative is not None:
             uncond = _with_null_rows(_to(negative, device, dtype), uncond)
-        if lowres is None:
+        if control and lowres is not None:
+            raise SamplerError("control: conditions the base model, not the super-resolution model")
+        if control:
+            from imager.models.control import control_residuals
+
+            size = (batch, 1, self.resolution, self.resolution)
+            extra = tuple(_image_input(c.condition, size, "control condition").to(device, dtype) for c in control)
+            settings = [(c.net, c.scale, c.start, c.end) for c in control]
+
+            def net(x: Tensor, t: Tensor, tk: Tensor, mk: Tensor, pl: Tensor, *conditions: Tensor) -> Tensor:
+                t = t.expand(x.shape[0]) if t.ndim == 0 else t
+                acting = [(n, c, scale, start, end) for (n, scale, start, end), c in zip(settings, conditions, strict=True)]
+                residuals = control_residuals(acting, x.to(dtype), t, (tk, mk, pl))
+                return model(x.to(dtype), t, tk, mk, pl, control=residuals).float()
+        elif lowres is None:
             extra: tuple[Tensor, ...] = ()
             net = lambda x, t, tk, mk, pl: model(x.to(dtype), t, tk, mk, pl).float()  # noqa: E731
         else:

@@ -154,3 +154,35 @@ class LoraSettings(Section):
     @property
     def scale_alpha(self) -> float:
         return float(self.alpha if self.alpha is not None else self.rank)
+
+
+class ControlSettings(Section):
+    """A trained spatial condition on a frozen base model (imager.models.control).
+
+    ``arch: controlnet`` (Zhang et al. 2023): a trainable copy of the base UNet's stem, encoder and
+    middle block, started from the base's weights, reads the noisy image, the time, the text and the
+    condition (through a small condition encoder added after the stem); its features join the base's
+    skip connections and middle block through zero-initialised 1×1 convolutions, so the untrained
+    control changes nothing. ``arch: adapter``: the lighter alternative in the manner of T2I-Adapter
+    (Mou et al. 2023): a small convolutional pyramid over the condition alone (no copy of the
+    encoder, no time or text), its features joining the same skip connections through zero 1×1 convs.
+
+    The condition is a line map (1 = line, 0 = paper): ``lines`` are the dark pixels of each image
+    (luminance below ``threshold``; OpenMoji draws its outlines in black), ``edges`` its Sobel
+    gradient magnitude above ``threshold`` (any image), ``lineart`` the image of the same key in a
+    paired dataset (the OpenMoji line art). A user's sketch, dark lines on a light ground, becomes
+    the same map.
+    """
+
+    arch: Literal["controlnet", "adapter"] = "controlnet"
+    condition: Literal["lines", "edges", "lineart"] = "lines"
+    threshold: float = Field(0.25, gt=0, lt=1)  # lines: luminance below it; edges: gradient magnitude above it
+    hint_channels: tuple[int, ...] = (16, 32)  # widths of the condition encoder's convolutions (at the UNet's stem resolution)
+    control_drop: float = Field(0.0, ge=0, le=1)  # training: share of samples whose condition is blanked (no lines)
+
+    @field_validator("hint_channels")
+    @classmethod
+    def _widths(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(c <= 0 for c in v):
+            raise ValueError("must list at least one positive width")
+        return v

@@ -24,6 +24,8 @@ a tensor shaped like x; what that tensor means (eps, v, x0) is the training obje
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -47,7 +49,9 @@ class UNet(Denoiser):
     """Text-conditional UNet; base model or, with ``config.super_resolution``, the SR model.
 
     Fully convolutional (attention runs over however many positions there are), so one SR model
-    serves random crops in training and full images at sampling time. ``forward``: see :class:`Denoiser`.
+    serves random crops in training and full images at sampling time. ``forward``: see :class:`Denoiser`;
+    ``control`` adds a trained condition's features (:mod:`imager.models.control`): one tensor per
+    skip connection, added to it before the decoder reads it, and one added to the middle block's output.
     """
 
     def __init__(self, config: UNetConfig):
@@ -117,6 +121,7 @@ class UNet(Denoiser):
         lowres: Tensor | None = None,
         aug_level: Tensor | None = None,
         drop: Tensor | None = None,
+        control: Sequence[Tensor] | None = None,
     ) -> Tensor:
         t = self._check_inputs(x, t, tokens, mask, pooled, lowres, aug_level, drop)
         cfg, dtype = self.config, self.conv_in.weight.dtype
@@ -138,6 +143,11 @@ class UNet(Denoiser):
             h = self._run(block, h, emb, context, mask)
             skips.append(h)
         h = self._run(self.middle, h, emb, context, mask)
+        if control is not None:  # a trained condition's features (imager.models.control)
+            if len(control) != len(skips) + 1:
+                raise ValueError(f"control: expected {len(skips) + 1} tensors (one per skip connection and the middle), got {len(control)}")
+            skips = [s + c for s, c in zip(skips, control[:-1], strict=True)]
+            h = h + control[-1]
         for block in self.up:
             h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context, mask)
         if self.stem_skip is not None:

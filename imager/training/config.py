@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from imager.diffusion.config import LossConfig, ScheduleConfig
 from imager.inference.config import StageSampling
-from imager.models.config import LoraSettings, UNetConfig
+from imager.models.config import ControlSettings, LoraSettings, UNetConfig
 from imager.schema import SamplerName, Section
 
 
@@ -70,6 +70,7 @@ class TrainCommon(Section):
     # or an MLflow URI; imager.training.init), with a fresh optimizer, LR schedule and step count.
     init_from: str | None = None
     lora: LoraSettings | None = None  # train only low-rank adapters on the init_from model (imager.models.lora)
+    control: ControlSettings | None = None  # train a spatial control (ControlNet, adapter) on the frozen init_from model
 
 
 class TrainBase(TrainCommon):
@@ -127,3 +128,29 @@ class Finetune(Section):
         if any(r < 1 for r in self.extra_ranks) or len(set(self.extra_ranks)) != len(self.extra_ranks):
             raise ValueError(f"extra_ranks: must be distinct positive integers, got {list(self.extra_ranks)}")
         return self
+
+
+class ControlEval(Section):
+    """How the controls are measured (stage evaluate_control; imager.evaluation.control). The held-out
+    sketches, their number and the SDEdit baseline's strength are the edit evaluation's (``edits``)."""
+
+    scales: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5)  # the default control's conditioning scales (fidelity against scale)
+
+    @model_validator(mode="after")
+    def _scales(self) -> ControlEval:
+        if not self.scales or any(s < 0 for s in self.scales) or len(set(self.scales)) != len(self.scales):
+            raise ValueError(f"scales: must be distinct numbers >= 0, got {list(self.scales)}")
+        return self
+
+
+class Control(Section):
+    """Trained sketch conditioning of the base model (control/dvc.yaml): each entry of ``variants``
+    holds keys of ``train_base`` that it replaces, its ``control`` settings (imager.models.config.
+    ControlSettings) among them, and trains on the default data with the base frozen. ``default``
+    names the variant ``imager generate --control`` and the web app use; ``pairs`` the entry of
+    ``datasets`` whose images pair with the default data by key (for ``condition: lineart``)."""
+
+    default: str = Field("controlnet", min_length=1)
+    pairs: str = Field("lineart", min_length=1)
+    variants: dict[str, dict[str, Any]] = {}
+    evaluate: ControlEval = ControlEval()

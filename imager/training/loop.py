@@ -31,6 +31,7 @@ from imager.errors import ConfigError
 from imager.models import lora
 from imager.models.base import Denoiser
 from imager.models.checkpoint import save_model
+from imager.models.control import Controlled, build_control, save_control
 from imager.models.factory import build_denoiser
 from imager.text.cache import EmbeddingCache
 from imager.training.config import TrainCommon
@@ -65,7 +66,7 @@ def lr_at(step: int, cfg: TrainCommon) -> float:
 # and the embedding lookup.
 _PACKAGE = Path(__file__).resolve().parents[1]
 TRAINING_CODE: tuple[Path, ...] = tuple(
-    _PACKAGE / p for p in ("diffusion", "models", "training", "inference/images.py", "text/cache.py")
+    _PACKAGE / p for p in ("diffusion", "models", "training", "inference/images.py", "inference/conditions.py", "text/cache.py")
 )
 
 
@@ -138,10 +139,13 @@ class Trainer:
         task.check(self.loader.resolution)
         model = build_model(cfg, self.cache, task.super_resolution)
         self.init = self._init_from(model)
-        self.base_sha256 = None  # a LoRA run: the weights its adapter belongs to
+        self.base_sha256 = None  # a LoRA or control run: the weights its adapter or control belongs to
         if cfg.lora is not None:
             self.base_sha256 = lora.weights_sha256(model)
             lora.inject(model, cfg.lora, lora.TRAINED)
+        if cfg.control is not None:  # the base frozen, a fresh control on it
+            self.base_sha256 = lora.weights_sha256(model)
+            model = Controlled(model.requires_grad_(False), build_control(model, cfg.control))
         self.model = model.to(dist.device)
         self.model.gradient_checkpointing = cfg.grad_checkpointing
         if cfg.channels_last:
@@ -169,9 +173,18 @@ class Trainer:
 
     def _init_from(self, model: Denoiser) -> InitSource | None:
         cfg = self.cfg
+        if cfg.control is not None:
+            if cfg.lora is not None:
+                raise ConfigError("control: trains on a frozen base model; it does not combine with lora")
+            if self.task.super_resolution:
+                raise ConfigError("control: conditions the base model, not the super-resolution model")
+            if cfg.model.arch != "imager":
+                raise ConfigError("control: is built for Imager's own UNet (model.arch: imager), not diffusers'")
         if cfg.init_from is None:
             if cfg.lora is not None:
                 raise ConfigError("lora: needs init_from, the trained model the adapter is for")
+            if cfg.control is not None:
+                raise ConfigError("control: needs init_from, the trained base model the control is for")
             return None
         init = resolve_init(cfg.init_from, "sr" if self.task.super_resolution else "base")
         load_into(model, init)
@@ -239,7 +252,7 @@ class Trainer:
     def _micro_step(self, batch: dict[str, Any], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward + backward of one micro-batch; returns (per-sample loss, timestep indices)."""
         device, cfg = self.dist.device, self.cfg
-        x0, extra = self.task.inputs(batch["images"], self.schedule, self.gen)
+        x0, extra = self.task.inputs(batch["images"], self.schedule, self.gen, keys=batch["keys"])
         tokens, mask, pooled = self.cache.lookup(batch["keys"])
         b = x0.shape[0]
         index = torch.randint(0, self.schedule.num_steps, (b,), generator=self.gen)
@@ -307,6 +320,7 @@ class Trainer:
                 self.last_loss = stats[0]
                 metrics = {"loss": stats[0], "lr": lr_at(self.step - 1, cfg), "images_per_second": ips}
                 metrics.update({f"loss_t{k}": stats[1 + k] for k in range(BUCKETS)})
+                metrics.update(self.control_norms())
                 if self.dist.is_main:
                     log_metrics(metrics, self.step)
                 bar.set_postfix(loss=f"{stats[0]:.4f}", img_s=f"{ips:.0f}")
@@ -328,6 +342,15 @@ class Trainer:
             "resumed_from_step": float(self.resumed_from or 0),
         }
 
+    def control_norms(self) -> dict[str, float]:
+        """A control run: the L2 norm of its zero convolutions' weights (all, and the middle block's),
+        which leave zero as the control learns to act (ControlNet's "sudden convergence" shows here)."""
+        if self.cfg.control is None:
+            return {}
+        convs = self.model.control.zero_convs
+        norms = torch.stack([c.weight.detach().float().norm() for c in convs])
+        return {"zero_conv_norm": float(norms.norm()), "zero_conv_norm_middle": float(norms[-1])}
+
     def save_final(self, out_dir: Path) -> None:
         """``model.safetensors`` (EMA weights, the model later stages use) and ``model_raw.safetensors``;
         for a LoRA run, ``adapter.safetensors`` (the EMA adapter) and ``adapter_raw.safetensors`` instead."""
@@ -337,6 +360,10 @@ class Trainer:
         extra = {"step": self.step, **self.sampling_meta()}
         if self.init is not None:
             extra["init_from"] = self.init.record()
+        if self.cfg.control is not None:
+            for model, name, ema in ((self.ema.model, "control.safetensors", True), (self.model, "control_raw.safetensors", False)):
+                save_control(out_dir / name, model.control, base_sha256=self.base_sha256, extra={**extra, "ema": ema})
+            return
         if self.cfg.lora is not None:
             stage = "sr" if self.task.super_resolution else "base"
             for model, name, ema in ((self.ema.model, "adapter.safetensors", True), (self.model, "adapter_raw.safetensors", False)):

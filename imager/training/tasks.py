@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from imager.diffusion.schedule import NoiseSchedule
-from imager.errors import ConfigError
+from imager.errors import ConfigError, DataError
+from imager.inference.conditions import condition_of
 from imager.inference.images import downsample, noise_augment, to_unit
 from imager.training.config import TrainBase, TrainSR
 
@@ -32,9 +33,36 @@ class BaseTask:
                 f"params.yaml: train_base.resolution: must be <= the shard resolution ({shard_resolution}), got {self.cfg.resolution}"
             )
 
-    def inputs(self, images: Tensor, schedule: NoiseSchedule, gen: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
+    def inputs(self, images: Tensor, schedule: NoiseSchedule, gen: torch.Generator, keys: list[str] | None = None) -> tuple[Tensor, dict[str, Any]]:
         """(x0 (B, 3, R, R) in [-1, 1], extra model kwargs)."""
         return downsample(to_unit(images), self.cfg.resolution), {}
+
+
+@dataclass(frozen=True)
+class ControlTask(BaseTask):
+    """The base model's target and, as the control's input, the line map of each image
+    (``control.condition``: lines or edges computed from it, or the image of the same key in the
+    paired dataset ``pairs``, key -> uint8 (3, S, S)), blanked for a ``control_drop`` share of rows."""
+
+    pairs: dict[str, Tensor] | None = None
+
+    def condition(self, images: Tensor, keys: list[str] | None) -> Tensor:
+        """(B, 1, R, R) line maps in [0, 1] for uint8 (B, 3, S, S) images (or their pairs)."""
+        settings = self.cfg.control
+        if settings.condition == "lineart":
+            if self.pairs is None or keys is None:
+                raise ConfigError("control.condition: lineart needs the paired dataset's shards (--pairs)")
+            missing = [k for k in keys if k not in self.pairs]
+            if missing:
+                raise DataError(f"sample '{missing[0]}' of the training data has no image of the same key in the paired dataset")
+            images = torch.stack([self.pairs[k] for k in keys])
+        return condition_of(to_unit(images), settings.condition, settings.threshold, self.cfg.resolution)
+
+    def inputs(self, images: Tensor, schedule: NoiseSchedule, gen: torch.Generator, keys: list[str] | None = None) -> tuple[Tensor, dict[str, Any]]:
+        x0, _ = super().inputs(images, schedule, gen)
+        condition = self.condition(images, keys)
+        drop = torch.rand(x0.shape[0], generator=gen) < self.cfg.control.control_drop
+        return x0, {"condition": torch.where(drop[:, None, None, None], torch.zeros_like(condition), condition)}
 
 
 @dataclass(frozen=True)
@@ -54,7 +82,7 @@ class SRTask:
         factor = self.cfg.resolution // self.cfg.lowres
         return noise_augment(F.avg_pool2d(x0, factor), aug_level, schedule, gen)
 
-    def inputs(self, images: Tensor, schedule: NoiseSchedule, gen: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
+    def inputs(self, images: Tensor, schedule: NoiseSchedule, gen: torch.Generator, keys: list[str] | None = None) -> tuple[Tensor, dict[str, Any]]:
         """(x0 (B, 3, c, c) a random crop (or the whole image) at the output resolution, SR kwargs)."""
         cfg = self.cfg
         x0 = downsample(to_unit(images), cfg.resolution)
