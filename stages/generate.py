@@ -18,6 +18,11 @@ LoRA adapters (``--lora FILE[:SCALE]``, repeatable) change the base or SR model 
 at its weight (:mod:`imager.inference.adapters`); the files are checked before any model loads, and
 the PNG records them (``adapters``: file, weight, SHA-256, stage, rank). ``--merge-lora`` folds them
 into the weights first: one matmul less per adapted layer and step, the same image up to rounding.
+
+A sketch (``--control SKETCH[:SCALE]``, repeatable) steers the base model through a trained control
+(``--controlnet``: a ControlNet or adapter file of `imager train-control`, refused for another base
+model), from ``--control-start`` to ``--control-end`` of the sampling; the PNG records each
+(``controls``: file, SHA-256, kind, sketch, scale, window).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ log = logging.getLogger("imager")
 SAMPLING = "Sampling (default: params.yaml `sampler` and `evaluate`)"
 IMAGE = "Image input"
 ADAPTERS = "LoRA adapters"
+CONTROL = "Sketch control (ControlNet)"
 
 
 @user_errors
@@ -71,6 +77,10 @@ def generate(
     no_sr: Annotated[bool, typer.Option("--no-sr", help="Stop at the base model's resolution.")] = False,
     lora: Annotated[list[str] | None, typer.Option("--lora", metavar="FILE[:SCALE]", help="A LoRA adapter file and its weight (default 1; 0: off, negative: away from it). Repeatable: several at once, each with its weight; each adapts the base or SR model it was trained on (another model is refused).", rich_help_panel=ADAPTERS)] = None,
     merge_lora: Annotated[bool, typer.Option("--merge-lora", help="Merge the adapters into the weights before sampling: faster per step, the same image up to rounding.", rich_help_panel=ADAPTERS)] = False,
+    control: Annotated[list[str] | None, typer.Option("--control", metavar="SKETCH[:SCALE]", help="A sketch to follow (PNG, dark lines on a light ground, square) and its conditioning scale (default 1; 0: off). Repeatable: several at once, their effects added.", rich_help_panel=CONTROL)] = None,
+    controlnet: Annotated[list[Path] | None, typer.Option("--controlnet", help="The trained control (ControlNet or adapter) file for the sketches: one for all or one per --control. Default: the params' control.default variant, data/control/NAME/control.safetensors.", rich_help_panel=CONTROL)] = None,
+    control_start: Annotated[float, typer.Option(help="The controls act from this fraction of the way from noise to the image...", rich_help_panel=CONTROL)] = 0.0,
+    control_end: Annotated[float, typer.Option(help="... to this one (diffusers' control_guidance_start/end).", rich_help_panel=CONTROL)] = 1.0,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Generate images for PROMPT with the trained cascade (base, then super-resolution)."""
@@ -78,6 +88,7 @@ def generate(
 
     from imager.inference import Cascade, check_sampling, encode_prompts, resolve_device
     from imager.inference.cascade import encode_negative
+    from imager.inference.conditions import load_controls
     from imager.inference.config import with_overrides
     from imager.inference.images import to_hwc
     from imager.inference.metadata import file_sha256, image_params, save_png
@@ -108,11 +119,13 @@ def generate(
     if edit is not None and mask is None and outpaint is None and sampling.strength == 1 and (no_sr or sampling.sr_strength == 1):
         log.warning("--init-image is not used at --strength 1 without a mask: the image is drawn from noise")
     adapters = read_lora(lora or [], no_sr=no_sr)
+    sketches, control_files = read_control_options(control or [], controlnet, control_start, control_end, p.control.default)
     if merge_lora and not adapters:
         log.warning("--merge-lora has no effect without --lora")
     target = resolve_device(device, "--device")
     cascade = Cascade.load(base, None if no_sr else sr, device=target)
     record = apply_lora(cascade, adapters, merge=merge_lora)
+    controls, control_record = load_controls(cascade.base.model, sketches, control_files, start=control_start, end=control_end, size=cascade.base.resolution)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar (ours), and one line on an error
@@ -124,7 +137,7 @@ def generate(
     neg = encode_negative(encoder, [negative or ""])
     image_in = {} if edit is None else {"image": edit.image, "mask": edit.mask}  # batch 1: the same for every image
     with tqdm(total=num, desc=f"generate ({target.type})", unit="img") as bar:
-        low, high = cascade.generate(cond, sampling, negative=neg, use_sr=not no_sr, on_batch=bar.update, **image_in)
+        low, high = cascade.generate(cond, sampling, negative=neg, use_sr=not no_sr, on_batch=bar.update, control=controls, **image_in)
     images = to_hwc(high if high is not None else low).numpy()
     paths = [out] if num == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(num)]
     identity = {"base_sha256": file_sha256(base)} | ({} if no_sr else {"sr_sha256": file_sha256(sr)})
@@ -135,10 +148,34 @@ def generate(
         meta = image_params(
             prompt=prompt, negative_prompt=negative or "", seed=sampling.seed + start, sampling=sampling, use_sr=not no_sr, mode=mode,
             size=image.shape[0], identity=identity, mask=mode in ("inpaint", "outpaint"), mask_blur=mask_blur or 0.0, outpaint=outpaint,
-            adapters=record, **batch,
+            adapters=record, **batch, **({"controls": control_record} if control_record else {}),
         )  # fmt: skip
         save_png(path, image, meta)
     typer.echo("\n".join(str(p) for p in paths))
+
+
+def read_control_options(texts: list[str], files: list[Path] | None, start: float, end: float, default: str) -> tuple[list[tuple[Path, float]], list[Path]]:
+    """The ``--control`` sketches with their scales and the control files, each read and checked now
+    (before any model loads): a one-line error naming the option for a bad spec, sketch or file."""
+    from imager.inference.adapters import parse_spec
+    from imager.inference.conditions import check_window, read_condition
+    from imager.models.control import read_control
+
+    check_window(start, end, "--control-start/--control-end")
+    if not texts:
+        if files or start != 0 or end != 1:
+            log.warning("--controlnet, --control-start and --control-end have no effect without --control")
+        return [], []
+    specs = [parse_spec(text, "--control") for text in texts]
+    for spec in specs:
+        read_condition(spec.path, 8, "--control")
+    files = list(files or [Path("data/control") / default / "control.safetensors"])
+    for file in files:
+        try:
+            read_control(file)
+        except CheckpointError as exc:
+            raise CheckpointError(f"--controlnet: {exc}") from None
+    return [(spec.path, spec.scale) for spec in specs], files
 
 
 def read_lora(texts: list[str], *, no_sr: bool) -> list[AdapterSpec]:

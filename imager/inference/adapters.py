@@ -35,8 +35,8 @@ class AdapterSpec:
         return f"{self.path}:{self.scale:g}"
 
 
-def parse_spec(text: str) -> AdapterSpec:
-    """``FILE`` or ``FILE:SCALE`` (a scale is a number; a path may itself hold colons)."""
+def parse_spec(text: str, option: str = "--lora") -> AdapterSpec:
+    """``FILE`` or ``FILE:SCALE`` (a scale is a number; a path may itself hold colons); errors name ``option``."""
     text = text.strip()
     head, sep, tail = text.rpartition(":")
     scale = 1.0
@@ -48,9 +48,9 @@ def parse_spec(text: str) -> AdapterSpec:
     else:
         head = text
     if not head:
-        raise ConfigError(f"--lora: '{text}': expected FILE or FILE:SCALE")
+        raise ConfigError(f"{option}: '{text}': expected FILE or FILE:SCALE")
     if scale != scale or abs(scale) > 100:  # NaN or absurd
-        raise ConfigError(f"--lora: '{text}': the scale must be a number in [-100, 100]")
+        raise ConfigError(f"{option}: '{text}': the scale must be a number in [-100, 100]")
     return AdapterSpec(Path(head).expanduser(), scale)
 
 

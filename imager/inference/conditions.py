@@ -11,6 +11,7 @@ map: made at the image's own resolution, then area-averaged to the model's (thin
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,3 +83,44 @@ def resize_condition(condition: Tensor, size: int, what: str = "control") -> Ten
     if condition.shape[-1] >= size:
         return downsample(condition, size)
     return F.interpolate(condition, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+def check_window(start: float, end: float, what: str = "control") -> None:
+    """A one-line ConfigError unless 0 <= start <= end <= 1 (fractions of the way from noise to the image)."""
+    if not (0 <= start <= end <= 1):
+        raise ConfigError(f"{what}: the window must satisfy 0 <= start <= end <= 1, got start {start:g}, end {end:g}")
+
+
+def load_controls(
+    base: Any, sketches: list[tuple[Any, float]], files: list[Path], *, start: float = 0.0, end: float = 1.0, size: int,
+    what: str = "--control", notes: list[str] | None = None,
+) -> tuple[list[Any], list[dict[str, Any]]]:  # fmt: skip
+    """The controls of one request: each sketch (path, bytes, image or array; with its weight) read
+    as a line map at ``size`` and paired with a control file (one file: used for every sketch),
+    loaded onto ``base`` (another base is refused). Returns the
+    :class:`~imager.models.control.ControlInput` list and what an image records of them."""
+    import hashlib
+
+    from imager.errors import CheckpointError
+    from imager.models.control import ControlInput, load_control
+
+    check_window(start, end, what)
+    if not sketches:
+        return [], []
+    if len(files) not in (1, len(sketches)):
+        raise ConfigError(f"{what}: {len(sketches)} sketches but {len(files)} control files; give one file for all or one per sketch")
+    inputs, record, nets = [], [], {}
+    for i, (sketch, scale) in enumerate(sketches):
+        file = Path(files[i if len(files) > 1 else 0])
+        if file not in nets:
+            try:
+                nets[file] = load_control(file, base)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{what}: {exc}") from None
+        condition = read_condition(sketch, size, what, notes)
+        inputs.append(ControlInput(nets[file], condition, float(scale), start, end))
+        entry = {"control": file.name, "control_sha256": hashlib.sha256(file.read_bytes()).hexdigest(), "arch": nets[file].settings.arch}
+        if isinstance(sketch, str | Path):
+            entry["sketch"] = Path(sketch).name
+        record.append({**entry, "scale": float(scale), "start": start, "end": end})
+    return inputs, record

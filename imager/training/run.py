@@ -143,6 +143,7 @@ def train_model(
     summary = {**summary, "parameters": float(sum(p.numel() for n, p in counted.named_parameters() if ".lora_" not in n))}
     if cfg.lora is not None or cfg.init_from is not None:
         summary["trainable_parameters"] = float(trainable)
+    summary.update(trainer.control_norms())
     if probe is not None:
         summary["probes"] = list(trainer.probes)
     return summary

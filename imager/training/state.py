@@ -74,6 +74,20 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+def _save_weights(model: torch.nn.Module, path: Path, extra: dict[str, Any]) -> None:
+    """A network as a model file (:func:`save_model`); a base model with a control (a module that
+    is not itself a network) as its plain state dict."""
+    from safetensors.torch import save_file
+
+    from imager.models.base import Denoiser
+    from imager.models.checkpoint import _unwrap, save_model
+
+    if isinstance(_unwrap(model), Denoiser):
+        save_model(model, path, extra=extra)
+    else:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in _unwrap(model).state_dict().items()}, str(path))
+
+
 def save_training_state(
     root: Path,
     step: int,
@@ -88,16 +102,14 @@ def save_training_state(
     """Write checkpoint ``step`` under ``root`` atomically, point ``latest`` at it, keep the last ``keep``."""
     from safetensors.torch import save_file
 
-    from imager.models.checkpoint import save_model
-
     root = Path(root)
     name = f"step-{step:08d}"
     tmp = root / f".{name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_model(model, tmp / "model.safetensors", extra={"step": step})
-    save_model(ema_model, tmp / "ema.safetensors", extra={"step": step, "ema": True})
+    _save_weights(model, tmp / "model.safetensors", extra={"step": step})
+    _save_weights(ema_model, tmp / "ema.safetensors", extra={"step": step, "ema": True})
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng_tensors, rng_meta = rng_state()
