@@ -146,10 +146,12 @@ class ControlEval(Section):
 class Control(Section):
     """Trained sketch conditioning of the base model (control/dvc.yaml): each entry of ``variants``
     holds keys of ``train_base`` that it replaces, its ``control`` settings (imager.models.config.
-    ControlSettings) among them, and trains on the default data with the base frozen. ``default``
+    ControlSettings) among them, and trains with the base frozen on ``data`` (``data``: the default
+    data; ``data/datasets/NAME``: an entry of ``datasets``, e.g. a folder of your own). ``default``
     names the variant ``imager generate --control`` and the web app use; ``pairs`` the entry of
     ``datasets`` whose images pair with the default data by key (for ``condition: lineart``)."""
 
+    data: str = Field("data", min_length=1)  # the training data: DIR/shards and DIR/embeddings
     default: str = Field("controlnet", min_length=1)
     pairs: str = Field("lineart", min_length=1)
     variants: dict[str, dict[str, Any]] = {}

@@ -104,6 +104,8 @@ NOT_TRAINING_MATH = {
     "imager.data.config", "imager.text.config", "imager.text.factory",
     # the sha256 of the file a fine-tune starts from: its own part of the fingerprint (training/init.py)
     "imager.inference.metadata",
+    # reading a user's sketch file (inference/conditions.py's read_condition); training makes its line maps from tensors
+    "imager.inference.edit",
 }  # fmt: skip
 
 

@@ -147,13 +147,14 @@ def has_code(path: Path) -> bool:
 
 
 def dvc_stages() -> dict[str, dict]:
-    """Every stage of dvc.yaml and finetune/dvc.yaml (a foreach stage: its ``do`` body, under
-    ``file:name``); finetune/dvc.yaml's stages run from the project root (``wdir: ..``)."""
+    """Every stage of dvc.yaml, finetune/dvc.yaml and control/dvc.yaml (a foreach stage: its ``do``
+    body, under ``file:name``); the stages of the pipelines in folders run from the project root (``wdir: ..``)."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    for name, spec in yaml.safe_load((REPO / "finetune" / "dvc.yaml").read_text(encoding="utf-8"))["stages"].items():
-        body = spec.get("do", spec)
-        assert body.get("wdir") == "..", f"finetune/dvc.yaml stage {name}: must run from the project root (wdir: ..)"
-        stages[f"finetune:{name}"] = body
+    for folder in ("finetune", "control"):
+        for name, spec in yaml.safe_load((REPO / folder / "dvc.yaml").read_text(encoding="utf-8"))["stages"].items():
+            body = spec.get("do", spec)
+            assert body.get("wdir") == "..", f"{folder}/dvc.yaml stage {name}: must run from the project root (wdir: ..)"
+            stages[f"{folder}:{name}"] = body
     return stages
 
 
