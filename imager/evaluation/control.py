@@ -17,7 +17,6 @@ against the held-out set.
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 
 from imager.evaluation.config import Backbones, Edits, Evaluate
 from imager.evaluation.edits import dark_pixels, edge_fscore, sketch_of
-from imager.evaluation.run import Scorer, held_out
+from imager.evaluation.run import Scorer, figure_image, held_out
 from imager.inference.cascade import Cascade
 from imager.inference.images import grid_image
 from imager.models.control import ControlBase, ControlInput
@@ -121,9 +120,4 @@ def scale_plot(curve: list[dict[str, Any]], metrics: dict[str, Any], default: st
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{default}: fidelity to the sketch against conditioning scale ({metrics['images']} held-out sketches)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
+    return figure_image(fig)

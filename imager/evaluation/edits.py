@@ -19,7 +19,6 @@ every run, so the numbers differ only when the models or the sampling settings d
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from imager.evaluation.config import Backbones, Edits, Evaluate
-from imager.evaluation.run import HeldOut, Scorer, held_out
+from imager.evaluation.run import HeldOut, Scorer, figure_image, held_out
 from imager.inference.cascade import Cascade
 from imager.inference.config import CascadeSampling
 from imager.inference.images import grid_image, resize, to_uint8
@@ -334,9 +333,4 @@ def strength_plot(curve: list[dict[str, Any]], table: dict[str, Any], m: int) ->
         ax.grid(alpha=0.3)
     axes[2].legend(fontsize=8)
     fig.suptitle(f"img2img: faithfulness vs prompt adherence ({m} held-out images, another image's caption, base model)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
+    return figure_image(fig)

@@ -14,6 +14,7 @@ Metric names say which backbone scored them: ``*_evaluator`` (the in-domain eval
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Callable
@@ -204,7 +205,6 @@ def run_sweep(
 def sweep_plot(curve: list[dict[str, Any]], table: dict[str, Any]) -> Image.Image:
     """FID and R-precision against steps (log scale), one line per sampler, the reference dashed
     and the real-image ceiling dotted."""
-    import io
 
     import matplotlib
 
@@ -230,12 +230,7 @@ def sweep_plot(curve: list[dict[str, Any]], table: dict[str, Any]) -> Image.Imag
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.suptitle(f"Sampler vs steps ({table['stage']} model, {table['samples']} held-out prompts)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
+    return figure_image(fig)
 
 
 def no_sweep_plot() -> Image.Image:
@@ -245,3 +240,15 @@ def no_sweep_plot() -> Image.Image:
     image = Image.new("RGB", (400, 60), "white")
     ImageDraw.Draw(image).text((10, 22), "no sampler sweep (evaluate.sweep.prompts: 0)", fill=(0, 0, 0))
     return image
+
+
+def figure_image(fig) -> Image.Image:
+    """A matplotlib figure, laid out tightly, as an RGB PIL image (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
