@@ -36,6 +36,19 @@ one by its artifact name (``"lora0:0"`` turns it off). Those FILEs are read on t
 the model: a server that others call should log its adapters with the model instead.
 
     styled = model.predict(["red apple"], params={"lora": "pixel-art.safetensors:0.8"})
+
+Sketch controls: ``log_cascade(..., controls=[FILE])`` logs control files (ControlNet or adapter, of
+``imager train-control``) with the model (artifacts ``control0``, ``control1``, ...), loaded onto
+its base model when the model loads (a control of another base model fails the load, not a call).
+A sketch (dark lines on a light ground, square) steers every prompt of a call through the
+``control`` param (base64 PNG/JPEG), or one row through a DataFrame's ``control`` column (bytes, an
+array or base64, like ``image``; such a row is sampled alone, as a row with an image is);
+``control_scale`` (default 1), ``control_start`` and ``control_end`` (the part of the sampling it
+acts on, default 0 to 1) apply to both, and ``controlnet`` picks the logged control (default: the
+first).
+
+    sketch = base64.b64encode(Path("apple-lines.png").read_bytes()).decode()
+    drawn = model.predict(["red apple"], params={"control": sketch, "control_scale": 0.8})
 """
 
 from __future__ import annotations
@@ -60,6 +73,7 @@ if TYPE_CHECKING:
     from imager.inference.adapters import AdapterSpec
     from imager.inference.edit import EditInput
     from imager.inference.sampling import Cond
+    from imager.models.control import ControlBase, ControlInput
 
 log = logging.getLogger("imager")
 CONFIG = "cascade.json"
@@ -72,7 +86,8 @@ mlflow.models.set_model(CascadeModel())
 """
 # Per-call options of predict(params=...): name -> MLflow type. The sampling ones are the flat names
 # of imager.inference.config.OVERRIDES; negative_prompt applies to every prompt of the call, the
-# EDIT_OPTIONS to every row with an image, lora (FILE[:SCALE], comma-separated) to the whole call.
+# EDIT_OPTIONS to every row with an image, lora (FILE[:SCALE], comma-separated) to the whole call,
+# the CONTROL_OPTIONS to the call's sketch (control, base64) and the rows' sketches (a control column).
 OPTIONS: dict[str, str] = {
     "sampler": "string",
     "steps": "long",
@@ -90,9 +105,15 @@ OPTIONS: dict[str, str] = {
     "mask_blur": "double",
     "outpaint": "string",
     "lora": "string",
+    "control": "string",
+    "controlnet": "string",
+    "control_scale": "double",
+    "control_start": "double",
+    "control_end": "double",
 }
 EDIT_OPTIONS = ("mask_blur", "outpaint")  # how the input images are prepared, not sampling settings
-COLUMNS = ("prompt", "negative_prompt", "image", "mask")
+CONTROL_OPTIONS = ("control", "controlnet", "control_scale", "control_start", "control_end")
+COLUMNS = ("prompt", "negative_prompt", "image", "mask", "control")
 
 
 def option_defaults(sampling: CascadeSampling) -> dict[str, Any]:
@@ -103,6 +124,7 @@ def option_defaults(sampling: CascadeSampling) -> dict[str, Any]:
         "percentile": base.percentile, "sr_steps": sr.steps, "sr_guidance": sr.guidance, "seed": sampling.seed,
         "batch_size": sampling.batch_size, "negative_prompt": "", "strength": sampling.strength, "sr_strength": sampling.sr_strength,
         "resample": sampling.resample, "mask_blur": 0.0, "outpaint": "", "lora": "",
+        "control": "", "controlnet": "", "control_scale": 1.0, "control_start": 0.0, "control_end": 1.0,
     }  # fmt: skip
 
 
@@ -133,14 +155,13 @@ def prompts_of(model_input: Any) -> tuple[list[str], list[str] | None]:
     return [str(v) for v in list(model_input)], None
 
 
-def edits_of(model_input: Any, n: int) -> tuple[list[Any], list[Any]]:
-    """(images, masks), one per row: a DataFrame's ``image`` and ``mask`` cells, None where a row
+def edits_of(model_input: Any, n: int, names: tuple[str, ...] = ("image", "mask")) -> list[list[Any]]:
+    """The cells of each column of ``names``, one per row: a DataFrame's cells, None where a row
     has none (None, NaN) and for every row of other inputs."""
     import pandas as pd
 
     columns = model_input.columns if isinstance(model_input, pd.DataFrame) else ()
-    image, mask = ([None if _missing(v) else v for v in model_input[c].tolist()] if c in columns else [None] * n for c in ("image", "mask"))
-    return image, mask
+    return [[None if _missing(v) else v for v in model_input[c].tolist()] if c in columns else [None] * n for c in names]
 
 
 def image_source(value: Any, what: str) -> Any:
@@ -191,6 +212,7 @@ class CascadeModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: prompts (and images, masks) in, uint8 images (N, H, W, 3) out."""
 
     adapters: tuple[tuple[str, AdapterSpec], ...] = ()  # the logged ones: (artifact name, file and weight)
+    controls: tuple[tuple[str, ControlBase], ...] = ()  # the logged controls: (artifact name, network on the base)
 
     def load_context(self, context) -> None:
         from imager.inference import Cascade
@@ -204,6 +226,7 @@ class CascadeModel(mlflow.pyfunc.PythonModel):
         self.sampling = CascadeSampling.model_validate(cfg["sampling"])
         self.adapters = logged_adapters(cfg, context.artifacts)
         self.use_adapters(lora_specs("", self.adapters), "model")  # a logged adapter that does not fit fails the load, not a call
+        self.controls = logged_controls(cfg, context.artifacts, self.cascade.base.model)  # so does a control
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
         from imager.inference.cascade import encode_negative, encode_prompts
@@ -213,17 +236,19 @@ class CascadeModel(mlflow.pyfunc.PythonModel):
         params = {k: v for k, v in (params or {}).items() if v is not None}
         negative_param = params.pop("negative_prompt", "")
         edit_params = {k: params.pop(k) for k in EDIT_OPTIONS if k in params}
+        control_params = {k: params.pop(k) for k in CONTROL_OPTIONS if k in params}
         adapters = lora_specs(params.pop("lora", ""), self.adapters)
         sampling = with_overrides(self.sampling, params)
         prompts, negatives = prompts_of(model_input)
         edits = self.edits(model_input, len(prompts), sampling, **edit_params)
-        for i, prompt in enumerate(prompts):  # a row with an image may go without text (unconditional)
-            if i not in edits and not prompt.strip():
+        control, row_controls = self.control_inputs(model_input, len(prompts), **control_params)
+        for i, prompt in enumerate(prompts):  # a row with an image or a sketch may go without text
+            if i not in edits and not control and i not in row_controls and not prompt.strip():
                 raise ConfigError(f"prompt {i + 1} is empty; give a text such as 'red apple', or an image to edit")
         self.use_adapters(adapters, "params: lora")
         cond, _ = encode_prompts(self.encoder, prompts, allow_empty=True)
         negative = encode_negative(self.encoder, negatives if negatives is not None else [negative_param] * len(prompts))
-        return to_hwc(self.sample(cond, sampling, negative, edits)).numpy()
+        return to_hwc(self.sample(cond, sampling, negative, edits, control, row_controls)).numpy()
 
     def use_adapters(self, specs: list[AdapterSpec], what: str) -> None:
         """Exactly ``specs`` active on the cascade (none: the model as trained, bit for bit); a
@@ -276,30 +301,84 @@ class CascadeModel(mlflow.pyfunc.PythonModel):
             edits[i] = edit
         return edits
 
-    def sample(self, cond: Cond, sampling: CascadeSampling, negative: Cond | None, edits: dict[int, EditInput]) -> Tensor:
-        """(N, 3, R, R) in [-1, 1]. Rows without an image come from their batches sampled as in a call
-        without images (a row's noise depends on its batch, so such a batch is sampled whole, its
-        rows with an image too); each row with an image is sampled alone, seeded seed + its index."""
+    def control_inputs(
+        self, model_input: Any, n: int, *, control: Any = "", controlnet: Any = "", control_scale: Any = 1.0, control_start: Any = 0.0,
+        control_end: Any = 1.0,
+    ) -> tuple[list[ControlInput], dict[int, list[ControlInput]]]:  # fmt: skip
+        """(the call's control, row index -> its own control) from the ``control`` param and column,
+        each sketch read at the base resolution; a ConfigError naming the param, or the column and
+        row, before anything is sampled."""
+        from imager.inference.conditions import check_window, read_condition
+        from imager.models.control import ControlInput
+
+        try:
+            scale, start, end = float(control_scale), float(control_start), float(control_end)
+        except (TypeError, ValueError):
+            raise ConfigError("params: control_scale, control_start, control_end: expected numbers") from None
+        if not (math.isfinite(scale) and scale >= 0):
+            raise ConfigError(f"params: control_scale: must be a number >= 0, got {control_scale}")
+        check_window(start, end, "params: control_start/control_end")
+        (cells,) = edits_of(model_input, n, ("control",))
+        given = not (control is None or (isinstance(control, str | bytes) and not control))
+        sketches = [(None, "params: control", control)] if given else []
+        sketches += [(i, f"control (row {i + 1})", cell) for i, cell in enumerate(cells) if cell is not None]
+        if not sketches:
+            return [], {}
+        net = self.control_net(controlnet, sketches[0][1])
+        inputs: dict[int | None, list[ControlInput]] = {}
+        for i, what, sketch in sketches:
+            notes: list[str] = []
+            condition = read_condition(image_source(sketch, what), self.cascade.base.resolution, what, notes)
+            for note in notes:
+                log.warning("%s", note)
+            inputs[i] = [ControlInput(net, condition, scale, start, end)]
+        call = inputs.pop(None, [])
+        return call, inputs  # type: ignore[return-value]
+
+    def control_net(self, name: Any, what: str) -> ControlBase:
+        """The logged control ``name`` (its artifact name; empty: the first); a ConfigError naming
+        ``what`` for a model logged without controls, or ``params: controlnet`` for another name."""
+        if not self.controls:
+            raise ConfigError(f"{what}: this model was logged without a control; log one with log_cascade(..., controls=[FILE])")
+        if name in (None, ""):
+            return self.controls[0][1]
+        found = dict(self.controls).get(name)
+        if found is None:
+            raise ConfigError(f"params: controlnet: no logged control '{name}'; this model has {', '.join(k for k, _ in self.controls)}")
+        return found
+
+    def sample(
+        self, cond: Cond, sampling: CascadeSampling, negative: Cond | None, edits: dict[int, EditInput], control: Sequence[ControlInput] = (),
+        row_controls: Mapping[int, Sequence[ControlInput]] | None = None,
+    ) -> Tensor:  # fmt: skip
+        """(N, 3, R, R) in [-1, 1]. Rows without an image or a sketch of their own come from their
+        batches sampled as in a call without them (a row's noise depends on its batch, so such a
+        batch is sampled whole, its other rows too); each row with an image or its own sketch is
+        sampled alone, seeded seed + its index. ``control``: the call's, on every row without its own."""
         import torch
 
+        row_controls = row_controls or {}
+        alone = set(edits) | set(row_controls)
         n, size = cond[0].shape[0], sampling.batch_size
         out: list[Tensor | None] = [None] * n
         for start in range(0, n, size):
             rows = range(start, min(start + size, n))
-            if all(i in edits for i in rows):
+            if all(i in alone for i in rows):
                 continue
             seeded = sampling.model_copy(update={"seed": sampling.seed + start})
-            batch = self._generate(_rows(cond, start, len(rows)), seeded, _rows(negative, start, len(rows)))
+            batch = self._generate(_rows(cond, start, len(rows)), seeded, _rows(negative, start, len(rows)), control)
             for i in rows:
-                if i not in edits:
+                if i not in alone:
                     out[i] = batch[i - start]
-        for i, edit in edits.items():
+        for i in sorted(alone):
             one = sampling.model_copy(update={"seed": sampling.seed + i})
-            out[i] = self._generate(_rows(cond, i, 1), one, _rows(negative, i, 1), image=edit.image, mask=edit.mask)[0]
+            edit = edits.get(i)
+            image = {} if edit is None else {"image": edit.image, "mask": edit.mask}
+            out[i] = self._generate(_rows(cond, i, 1), one, _rows(negative, i, 1), row_controls.get(i, control), **image)[0]
         return torch.stack(out)  # type: ignore[arg-type]
 
-    def _generate(self, cond: Cond, sampling: CascadeSampling, negative: Cond | None, **image: Tensor | None) -> Tensor:
-        base, sr = self.cascade.generate(cond, sampling, negative=negative, **image)  # type: ignore[arg-type]
+    def _generate(self, cond: Cond, sampling: CascadeSampling, negative: Cond | None, control: Sequence[ControlInput] = (), **image: Tensor | None) -> Tensor:
+        base, sr = self.cascade.generate(cond, sampling, negative=negative, control=control, **image)  # type: ignore[arg-type]
         return sr if sr is not None else base
 
 
@@ -308,6 +387,20 @@ def logged_adapters(cfg: Mapping[str, Any], artifacts: Mapping[str, str]) -> tup
     from imager.inference.adapters import AdapterSpec
 
     return tuple((a["artifact"], AdapterSpec(Path(artifacts[a["artifact"]]), float(a["scale"]))) for a in cfg.get("adapters", []))
+
+
+def logged_controls(cfg: Mapping[str, Any], artifacts: Mapping[str, str], base: Any) -> tuple[tuple[str, ControlBase], ...]:
+    """The controls logged with the model, each loaded onto ``base``: (artifact name, network); a
+    one-line CheckpointError naming ``controls`` for one built for another base model."""
+    from imager.models.control import load_control
+
+    out = []
+    for c in cfg.get("controls", []):
+        try:
+            out.append((c["artifact"], load_control(artifacts[c["artifact"]], base)))
+        except ImagerError as exc:
+            raise type(exc)(f"controls: {c['artifact']}: {exc}") from None
+    return tuple(out)
 
 
 def signature(sampling: CascadeSampling):
@@ -336,13 +429,14 @@ def _pinned(package: str) -> str:
 
 def log_cascade(
     base: Path, sr: Path, *, embed: dict[str, Any], sampling: CascadeSampling, workdir: Path, name: str = "cascade",
-    adapters: list[AdapterSpec] | None = None,
+    adapters: list[AdapterSpec] | None = None, controls: list[Path] | None = None,
 ):
     """Log the cascade as a pyfunc model in the active MLflow run; returns its model info.
 
     ``adapters``: LoRA adapter files logged with it (``lora0``, ``lora1``, ...) and applied at their
-    weights by every call; each is checked against the models first, so that a model that cannot
-    load is never logged."""
+    weights by every call; ``controls``: control files logged with it (``control0``, ...) for the
+    ``control`` param and column. Each is checked against the models first, so that a model that
+    cannot load is never logged."""
     from importlib.metadata import PackageNotFoundError, requires
 
     import imager
@@ -358,18 +452,24 @@ def log_cascade(
     if lora:
         check_adapters(base, sr, list(lora.values()))
         reqs.append(_pinned("peft"))
+    control = {f"control{i}": Path(path) for i, path in enumerate(controls or [])}
+    if control:
+        check_controls(base, list(control.values()))
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / CONFIG
     settings = {"embed": embed, "sampling": sampling.model_dump(mode="json")}
     if lora:  # a model without adapters keeps the config it always had
         settings["adapters"] = [{"artifact": k, "scale": spec.scale} for k, spec in lora.items()]
+    if control:
+        settings["controls"] = [{"artifact": k} for k in control]
     config.write_text(json.dumps(settings, indent=2, sort_keys=True), encoding="utf-8")
     code = workdir / "cascade_model.py"  # MLflow's models-from-code: the model is this code, not a pickle
     code.write_text(MODEL_CODE, encoding="utf-8")
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=str(code),
-        artifacts={"base": str(base), "sr": str(sr), "config": str(config)} | {k: str(spec.path) for k, spec in lora.items()},
+        artifacts={"base": str(base), "sr": str(sr), "config": str(config)} | {k: str(spec.path) for k, spec in lora.items()}
+        | {k: str(path) for k, path in control.items()},
         signature=signature(sampling),
         code_paths=[str(Path(imager.__file__).parent)],  # the model carries the library's code
         pip_requirements=reqs,
@@ -386,3 +486,17 @@ def check_adapters(base: Path, sr: Path, adapters: list[AdapterSpec]) -> None:
         use_adapters(Cascade.load(base, sr), adapters)
     except ImagerError as exc:
         raise type(exc)(f"adapters: {str(exc).removeprefix('--lora: ')}") from None
+
+
+def check_controls(base: Path, controls: list[Path]) -> None:
+    """Load the control files onto the base model as the logged model will: a one-line error naming
+    ``controls`` for a file that is not a control of this base model."""
+    from imager.models import load_model
+    from imager.models.control import load_control
+
+    model = load_model(base)
+    for path in controls:
+        try:
+            load_control(path, model)
+        except ImagerError as exc:
+            raise type(exc)(f"controls: {exc}") from None

@@ -186,17 +186,18 @@ class StageRun:
             self._mlflow.log_artifact(str(path), artifact_path=folder)
 
     def log_cascade(
-        self, base: Path, sr: Path, *, embed: Mapping[str, Any], sampling: Any, adapters: list[Any] | None = None, name: str = "cascade"
-    ) -> str | None:
-        """The cascade (with LoRA ``adapters``: AdapterSpecs, logged with it) as a pyfunc model named
-        ``name`` in this run; returns its model URI."""
+        self, base: Path, sr: Path, *, embed: Mapping[str, Any], sampling: Any, adapters: list[Any] | None = None,
+        controls: list[Path] | None = None, name: str = "cascade",
+    ) -> str | None:  # fmt: skip
+        """The cascade (with LoRA ``adapters``: AdapterSpecs, and sketch ``controls``: control files,
+        logged with it) as a pyfunc model named ``name`` in this run; returns its model URI."""
         if not self.active:
             return None
         import tempfile
 
         from imager.serving import log_cascade
 
-        extra = {"adapters": adapters} if adapters else {}
+        extra = ({"adapters": adapters} if adapters else {}) | ({"controls": [Path(c) for c in controls]} if controls else {})
         with tempfile.TemporaryDirectory(prefix="imager-cascade-") as tmp:
             info = log_cascade(Path(base), Path(sr), embed=dict(embed), sampling=sampling, workdir=Path(tmp), name=name, **extra)
         log.info("cascade logged as MLflow model %s", info.model_uri)

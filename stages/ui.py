@@ -4,7 +4,9 @@ Not a pipeline stage: like `imager generate` it reads the pipeline's outputs (th
 train_sr model files of dvc.yaml by default) with params.yaml's `embed` and sampling settings,
 and offers every `cascade` model the evaluate runs logged to MLflow as well. Requests may use the
 LoRA adapter files of the `--lora-dir` folders (`data/finetune`, where fine-tuning writes them, by
-default), and no other file.
+default) and the sketch controls of the `--control-dir` folders (`data/control`, where
+`imager train-control` writes them, by default; params.yaml's `control.default` variant is the
+default control), and no other file.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ MODELS = "Models"
 LIMITS = "Limits per request"
 ACCESS = "Access"
 LORA_DIR = Path("data/finetune")  # where the fine-tuning stages write their adapters
+CONTROL_DIR = Path("data/control")  # where `imager train-control` writes its controls
 
 
 @user_errors
@@ -38,6 +41,7 @@ def ui(
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda[:i].", rich_help_panel=MODELS)] = "auto",
     threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads of the sampling worker. Default: torch's (the cores).", rich_help_panel=MODELS)] = None,
     lora_dir: Annotated[list[Path] | None, typer.Option("--lora-dir", metavar="DIR", help=f"A folder of LoRA adapter files requests may use (no file outside these folders is read). Repeatable. Default: {LORA_DIR} if it exists.", rich_help_panel=MODELS)] = None,
+    control_dir: Annotated[list[Path] | None, typer.Option("--control-dir", metavar="DIR", help=f"A folder of sketch control (ControlNet, adapter) files requests may use (no file outside these folders is read). Repeatable. Default: {CONTROL_DIR} if it exists.", rich_help_panel=MODELS)] = None,
     history: Annotated[Path, typer.Option(help="Folder of the generated PNGs (each with its parameters).")] = Path("outputs/history"),
     max_steps: Annotated[int, typer.Option(min=1, help="Most sampling steps a request may ask for.", rich_help_panel=LIMITS)] = 200,
     max_images: Annotated[int, typer.Option(min=1, help="Most images per request.", rich_help_panel=LIMITS)] = 8,
@@ -49,6 +53,7 @@ def ui(
 ) -> None:
     """Serve the web app (http://127.0.0.1:7860) and the HTTP API (/api/v1, docs at /api/v1/docs)."""
     from imager.app.adapters import AdapterLibrary
+    from imager.app.controls import ControlLibrary
     from imager.app.engine import Engine
     from imager.app.history import History
     from imager.app.models import ModelRegistry, files_source, mlflow_source
@@ -77,7 +82,8 @@ def ui(
     limits = Limits(prompt_chars=max_prompt, steps=max_steps, images=max_images, upload_bytes=int(max_upload_mb * 1e6), queue=queue)
     if history.exists() and not history.is_dir():
         raise ConfigError(f"--history: {history} is a file, not a folder")
-    engine = Engine(registry, History(history), limits, threads=threads, adapters=AdapterLibrary(adapter_folders(lora_dir)))
+    controls = ControlLibrary(folders(control_dir, CONTROL_DIR, "--control-dir"), default=p.control.default)
+    engine = Engine(registry, History(history), limits, threads=threads, adapters=AdapterLibrary(folders(lora_dir, LORA_DIR, "--lora-dir")), controls=controls)
     if not is_loopback(host):
         log.warning("listening on %s: anyone who can reach this machine can use the app%s", host, "" if credentials or token else "; protect it with --auth")
     app = create_app(engine, auth=credentials, token=token, ui=not api_only, defaults=form_defaults(p))
@@ -90,13 +96,13 @@ def ui(
         engine.close()
 
 
-def adapter_folders(given: list[Path] | None) -> list[Path]:
-    """The ``--lora-dir`` folders, each checked to exist; none given: data/finetune if it exists."""
+def folders(given: list[Path] | None, default: Path, option: str) -> list[Path]:
+    """The folders of ``option``, each checked to exist; none given: ``default`` if it exists."""
     if not given:
-        return [LORA_DIR] if LORA_DIR.is_dir() else []
+        return [default] if default.is_dir() else []
     for folder in given:
         if not folder.is_dir():
-            raise ConfigError(f"--lora-dir: no folder {folder}")
+            raise ConfigError(f"{option}: no folder {folder}")
     return list(given)
 
 

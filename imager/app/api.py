@@ -14,6 +14,8 @@ POST    /api/v1/params                    the parameters of an uploaded Imager P
 GET     /api/v1/models                    the models the server offers (the first is the default)
 GET     /api/v1/adapters                  the LoRA adapters a request may name, and whether each fits
                                           the model (``?model=``, the default one unless given)
+GET     /api/v1/controls                  the sketch controls a request may name as ``controlnet``, the
+                                          default marked, and whether each fits the model (``?model=``)
 GET     /api/v1/health                    version, queue length, loaded models
 ======  ================================  =============================================================
 
@@ -80,6 +82,10 @@ def router(engine: Engine) -> APIRouter:
     @api.get("/adapters")
     def adapters(model: Annotated[str | None, Query(description="A model id of /models (default: the first).")] = None) -> dict[str, Any]:
         return engine.available_adapters(model)
+
+    @api.get("/controls")
+    def controls(model: Annotated[str | None, Query(description="A model id of /models (default: the first).")] = None) -> dict[str, Any]:
+        return engine.available_controls(model)
 
     @api.post("/generate", status_code=202)
     async def generate(

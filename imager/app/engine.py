@@ -14,6 +14,11 @@ LoRA adapters: a request names files of the server's adapter folders (:mod:`imag
 resolved and read when it is queued. Each adapter is loaded onto a cascade once and stays; before
 each job the worker makes exactly that job's adapters active (and those an MLflow model was logged
 with), so another job's adapters never change an image.
+
+Sketch controls: a request's sketch is read and its control (:mod:`imager.app.controls`) resolved
+when it is queued; the worker loads the control onto the model's base once (kept per file and base
+model), reads the sketch at the base resolution and passes it to ``Cascade.generate``. Controls are
+per call, so nothing of one job's control stays on the model.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from imager.app.adapters import AdapterLibrary
+from imager.app.controls import AvailableControl, ControlLibrary
 from imager.app.history import Entry, History, NotFoundError
 from imager.app.models import LoadedModel, ModelRegistry, weights_of
 from imager.app.request import GenerateRequest, Limits, check_request, decode_upload, lora_specs, parse_request
@@ -73,6 +79,7 @@ class Job:
     version: int = 0
     edit: Any = None  # the prepared EditInput
     adapters: list[tuple[str, Any]] = field(default_factory=list)  # (its name in the listing, AdapterSpec of the resolved file)
+    control: tuple[AvailableControl, bytes] | None = None  # the request's control and its sketch's bytes
     cancel_flag: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -107,15 +114,16 @@ class Engine:
 
     ``threads``: torch's CPU threads while the worker samples (None: torch's default), for a
     server that shares its cores with other work. ``adapters``: the LoRA adapter files requests
-    may name (none by default).
+    may name; ``controls``: the sketch controls (none of either by default).
     """
 
     def __init__(
         self, models: ModelRegistry, history: History, limits: Limits | None = None, *, threads: int | None = None,
-        adapters: AdapterLibrary | None = None,
+        adapters: AdapterLibrary | None = None, controls: ControlLibrary | None = None,
     ):
         self.models, self.history, self.limits, self.threads = models, history, limits or Limits(), threads
         self.adapters = adapters or AdapterLibrary()
+        self.controls = controls or ControlLibrary()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -133,11 +141,11 @@ class Engine:
         self._check_sampling(req)
         adapters = self._adapters(req)
         edit = self._prepare(req)
+        notes: list[str] = [] if edit is None else list(edit.notes)
+        control = self._control(req, notes)
         if req.seed is None:
             req = req.model_copy(update={"seed": secrets.randbelow(2**31)})
-        job = Job(id=uuid.uuid4().hex[:12], request=req, edit=edit, adapters=adapters)
-        if edit is not None:
-            job.notes.extend(edit.notes)
+        job = Job(id=uuid.uuid4().hex[:12], request=req, edit=edit, adapters=adapters, control=control, notes=notes)
         with self._cond:
             if self._closed:
                 raise ConfigError("the server is shutting down")
@@ -205,6 +213,18 @@ class Engine:
             fits = loaded.weights.get(a.stage) == a.base_sha256 if known else None
             listed.append(a.describe(fits))
         return {"model": source.id, "loaded": known, "adapters": listed}
+
+    def available_controls(self, model: str | None = None) -> dict[str, Any]:
+        """The control files requests may name, the default one marked, each with whether it fits
+        ``model`` (the default one for None): built for its base model; None while it is not loaded."""
+        source = self.models.get(model)
+        loaded = self.models.peek(source.id)
+        known = loaded is not None and bool(loaded.weights)
+        listed = self.controls.list()
+        default = self.controls.default_name(listed)
+        base = loaded.cascade.base.model.config.model_dump() if known else None  # type: ignore[union-attr]
+        shown = [c.describe(c.fits(base, loaded.weights.get("base")) if known else None, c.name == default) for c in listed]  # type: ignore[union-attr, arg-type]
+        return {"model": source.id, "loaded": known, "default": default, "controls": shown}
 
     def status(self) -> dict[str, Any]:
         with self._cond:
@@ -276,10 +296,11 @@ class Engine:
         req = job.request
         model = self._load(req.model)
         record = self._use_adapters(model, job.adapters)
+        controls, control_record = self._use_control(model, job)
         sampling = self._sampling(req, model)
         use_sr = req.use_sr and model.cascade.sr is not None
         edit = job.edit
-        cond, truncated = encode_prompts(model.encoder, [req.prompt], allow_empty=edit is not None)
+        cond, truncated = encode_prompts(model.encoder, [req.prompt], allow_empty=edit is not None or bool(controls))
         if truncated:
             self._note(job, f"the prompt is longer than {model.encoder.max_length} tokens and was cut")
         negative = encode_negative(model.encoder, [req.negative_prompt])
@@ -313,14 +334,14 @@ class Engine:
 
             one = sampling.model_copy(update={"seed": seed, "batch_size": 1})
             with torch.no_grad():
-                low, high = model.cascade.generate(cond, one, negative=negative, use_sr=use_sr, on_denoise=on_denoise, **image_in)
+                low, high = model.cascade.generate(cond, one, negative=negative, use_sr=use_sr, on_denoise=on_denoise, control=controls, **image_in)
             if job.cancel_flag.is_set():
                 raise StoppedError
             pixels = to_hwc(high if high is not None else low).numpy()[0]
             with self._cond:
                 job.stage = "saving"
                 self._bump(job)
-            params = self._params(req, seed, sampling, model, use_sr, pixels.shape[0], record)
+            params = self._params(req, seed, sampling, model, use_sr, pixels.shape[0], record, control_record)
             entry = self.history.save(pixels, params, job=job.id, index=i)
             with self._cond:
                 job.results.append(entry)
@@ -365,6 +386,38 @@ class Engine:
             raise ConfigError(f"lora: {str(exc).removeprefix('--lora: ')}") from None
         record = adapter_record(specs, files[len(model.adapters) :])
         return [r | {"file": name} for r, (name, _) in zip(record, adapters, strict=True)] or None
+
+    def _control(self, req: GenerateRequest, notes: list[str]) -> tuple[AvailableControl, bytes] | None:
+        """The request's control resolved inside the control folders and its sketch read (a
+        ConfigError naming ``controlnet`` or ``control`` otherwise); with its model loaded, the
+        control checked to fit it, so that a foreign control fails before the queue, not in it."""
+        if req.control is None:
+            return None
+        from imager.inference.conditions import read_condition
+
+        control = self.controls.resolve(req.controlnet)
+        loaded = self.models.peek(req.model)
+        if loaded is not None and loaded.weights:
+            check_control_fits(control, loaded)
+        sketch = decode_upload(req.control, "control", self.limits)
+        read_condition(sketch, 8, "control", notes)  # the size does not matter: the worker reads it at the model's
+        return control, sketch
+
+    def _use_control(self, model: LoadedModel, job: Job) -> tuple[list[Any], list[dict[str, Any]] | None]:
+        """The job's control on the model's base (:class:`~imager.models.control.ControlInput`) and
+        what its PNGs record of it, as ``imager generate --control`` records it; none without one."""
+        if job.control is None:
+            return [], None
+        from imager.inference.conditions import read_condition
+        from imager.models.control import ControlInput
+
+        control, sketch = job.control
+        req = job.request
+        net, sha256 = self.controls.load(control, model.cascade.base.model)
+        condition = read_condition(sketch, model.cascade.base.resolution, "control")
+        window = {"scale": req.control_scale, "start": req.control_start, "end": req.control_end}
+        record = {"control": control.name, "control_sha256": sha256, "arch": control.arch, **window}
+        return [ControlInput(net, condition, req.control_scale, req.control_start, req.control_end)], [record]
 
     def _prepare(self, req: GenerateRequest):
         """The request's image and mask read and checked (edit.prepare: decompression bombs, sizes,
@@ -444,14 +497,16 @@ class Engine:
         return max(left_this + later, 0.0)
 
     @staticmethod
-    def _params(req: GenerateRequest, seed: int, sampling, model: LoadedModel, use_sr: bool, size: int, adapters: list | None = None) -> dict[str, Any]:
+    def _params(
+        req: GenerateRequest, seed: int, sampling, model: LoadedModel, use_sr: bool, size: int, adapters: list | None = None, controls: list | None = None
+    ) -> dict[str, Any]:
         """What the PNG records: the request as it was sampled (the model's defaults filled in)."""
         from imager.inference.metadata import image_params
 
         return image_params(
             prompt=req.prompt, negative_prompt=req.negative_prompt, seed=seed, sampling=sampling, use_sr=use_sr, mode=req.resolved_mode(),
             size=size, identity=model.identity, mask=req.mask is not None or bool(req.outpaint), mask_blur=req.mask_blur, outpaint=req.outpaint,
-            adapters=adapters, model=model.source.id, model_label=model.source.label,
+            adapters=adapters, controls=controls, model=model.source.id, model_label=model.source.label,
         )  # fmt: skip
 
     def _note(self, job: Job, note: str) -> None:
@@ -465,7 +520,7 @@ class Engine:
             job.finished, job.eta_s = time.time(), None
             if state == "done":
                 self.completed += 1
-            job.edit = None  # the tensors are not needed any more
+            job.edit = job.control = None  # the tensors and the sketch are not needed any more
             self._bump(job)
 
     def _bump(self, job: Job) -> None:
@@ -495,6 +550,15 @@ def check_fits(name: str, adapter: Any, model: LoadedModel) -> None:
         raise ConfigError(
             f"lora: {name}: trained on another {stage} model (weights {adapter.base_sha256[:12]}, the model '{model.source.id}' has "
             f"{have[:12]}); GET /api/v1/adapters says which adapters fit"
+        )
+
+
+def check_control_fits(control: AvailableControl, model: LoadedModel) -> None:
+    """A ConfigError naming the control unless it was built for ``model``'s base model."""
+    if not control.fits(model.cascade.base.model.config.model_dump(), model.weights.get("base")):
+        raise ConfigError(
+            f"controlnet: {control.name}: trained on another base model (weights {control.base_sha256[:12] or 'unknown'}, the model "
+            f"'{model.source.id}' has {model.weights.get('base', '')[:12]}); GET /api/v1/controls says which controls fit"
         )
 
 

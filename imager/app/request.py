@@ -24,6 +24,8 @@ Mode = Literal["text", "img2img", "inpaint", "outpaint", "sketch"]
 IMG2IMG_STRENGTH = 0.75  # AUTOMATIC1111's default denoising strength: keeps the layout, redraws the detail
 SEED_MAX = 2**31 - 1
 MAX_ADAPTERS = 16  # as imager.inference.adapters.MAX_ADAPTERS, without importing torch here
+CONTROL_SCALE_MAX = 2.0  # past twice the trained strength a control only burns its lines in
+CONTROL_FIELDS = ("controlnet", "control_scale", "control_start", "control_end")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,10 @@ class GenerateRequest(BaseModel):
     job reports; image ``i`` of the request is made with ``seed + i`` alone, so any image is made
     again from its own seed with ``num_images`` 1. ``lora``: adapters of the server's adapter folders
     as ``NAME[:SCALE]`` (``GET /api/v1/adapters`` lists them), each at its weight (default 1).
+    ``control``: a sketch (base64 PNG/JPEG, dark lines on a light ground, square) that steers the
+    base model through ``controlnet``, a control of the server's control folders (``GET
+    /api/v1/controls`` lists them; default: the server's default one), at ``control_scale`` from
+    ``control_start`` to ``control_end`` of the sampling (fractions of the way from noise to the image).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -70,6 +76,11 @@ class GenerateRequest(BaseModel):
     outpaint: str | None = None
     model: str | None = None
     lora: list[Annotated[str, Field(min_length=1, max_length=1024)]] = Field(default_factory=list, max_length=MAX_ADAPTERS)
+    control: str | None = None
+    controlnet: str | None = Field(None, min_length=1, max_length=1024)
+    control_scale: float = Field(1.0, ge=0, le=CONTROL_SCALE_MAX)
+    control_start: float = Field(0.0, ge=0, le=1)
+    control_end: float = Field(1.0, ge=0, le=1)
     preview_every: int = Field(1, ge=1, le=1000)
 
     def resolved_mode(self) -> Mode:
@@ -122,7 +133,7 @@ def check_request(req: GenerateRequest, limits: Limits) -> None:
     if req.num_images > limits.images:
         raise ConfigError(f"num_images: {req.num_images} is more than the limit of {limits.images}")
     if mode == "text":
-        if not req.prompt.strip():
+        if not req.prompt.strip() and req.control is None:  # a sketch alone may guide
             raise ConfigError("prompt: is empty; give a text such as 'red apple', or an image to edit")
         for name in ("mask", "outpaint", "strength", "sr_strength"):
             if getattr(req, name) not in (None, "") and not (name.endswith("strength") and getattr(req, name) == 1):
@@ -133,13 +144,24 @@ def check_request(req: GenerateRequest, limits: Limits) -> None:
         raise ConfigError("mask: mode 'inpaint' needs a mask (white = repaint)")
     if mode == "outpaint" and not (req.outpaint or "").strip():
         raise ConfigError("outpaint: mode 'outpaint' needs the border to add, e.g. 'left=16,top=8' or '16'")
-    for name in ("image", "mask"):
+    check_control(req)
+    for name in ("image", "mask", "control"):
         value = getattr(req, name)
         if value is not None:
             size = len(value) * 3 // 4
             if size > limits.upload_bytes:
                 raise ConfigError(f"{name}: {size / 1e6:.1f} MB, more than the limit of {limits.upload_bytes / 1e6:.1f} MB")
     lora_specs(req)
+
+
+def check_control(req: GenerateRequest) -> None:
+    """A ConfigError naming the field for control settings without a sketch or a window that is not one."""
+    if req.control is None:
+        for name in CONTROL_FIELDS:
+            if getattr(req, name) != GenerateRequest.model_fields[name].default:
+                raise ConfigError(f"{name}: needs a sketch to follow; give one as control, or leave out {name}")
+    elif req.control_start > req.control_end:
+        raise ConfigError(f"control_start: {req.control_start:g} is after control_end {req.control_end:g}; the control acts from start to end")
 
 
 def lora_specs(req: GenerateRequest) -> list[AdapterSpec]:
@@ -174,7 +196,7 @@ def decode_upload(text: str, what: str, limits: Limits) -> bytes:
 
 
 # The request fields a history PNG carries and "use these parameters" gives back to the form (and
-# lora, from the PNG's adapters).
+# lora, from the PNG's adapters; the control settings, from its controls: not the sketch).
 RECALLED = (
     "prompt", "negative_prompt", "seed", "sampler", "steps", "guidance", "sr_steps", "sr_guidance", "threshold", "use_sr", "mode",
     "strength", "sr_strength", "resample", "mask_blur", "outpaint", "model",
@@ -185,7 +207,7 @@ def recalled(params: dict[str, Any]) -> dict[str, Any]:
     """The request fields of an image's parameters (the rest describe the result, not the request)."""
     found = {k: params[k] for k in RECALLED if k in params}
     lora = recalled_lora(params.get("adapters"))
-    return found | ({"lora": lora} if lora else {})
+    return found | ({"lora": lora} if lora else {}) | recalled_control(params.get("controls"))
 
 
 def recalled_lora(adapters: Any) -> list[str]:
@@ -196,3 +218,15 @@ def recalled_lora(adapters: Any) -> list[str]:
         if isinstance(a, dict) and isinstance(a.get("file"), str) and isinstance(a.get("scale"), int | float) and not isinstance(a.get("scale"), bool):
             out.append(f"{a['file']}:{a['scale']:g}")
     return out[:MAX_ADAPTERS]
+
+
+def recalled_control(controls: Any) -> dict[str, Any]:
+    """The control settings of the first control an image records (the app makes one), as request
+    fields; nothing for an image without one or with a record that is not one."""
+    first = controls[0] if isinstance(controls, list) and controls else None
+    if not isinstance(first, dict) or not isinstance(first.get("control"), str):
+        return {}
+    numbers = {f"control_{k}": first.get(k) for k in ("scale", "start", "end")}
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers.values()):
+        return {}
+    return {"controlnet": first["control"]} | {k: float(v) for k, v in numbers.items()}

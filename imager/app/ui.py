@@ -8,8 +8,10 @@ A form is a dict of field name -> component value: the :class:`GenerateRequest` 
 ``image`` (the upload of img2img and outpainting), ``editor`` (the inpainting canvas: a dict of
 ``background``, ``layers``, ``composite``; the drawn layers' opaque pixels are the mask) and
 ``sketch`` (the drawing canvas, sent as mode ``sketch``); ``lora`` is one text of the LoRA adapters,
-``name:weight, name:weight`` (the adapters the server offers are listed under it). Gradio is
-imported by :func:`build_ui` alone, so the functions cost no Gradio import.
+``name:weight, name:weight`` (the adapters the server offers are listed under it); ``control`` is
+the canvas of the sketch control (sent, composited on white, as the request's ``control`` when
+something is drawn), with ``controlnet``, ``control_scale``, ``control_start``, ``control_end``.
+Gradio is imported by :func:`build_ui` alone, so the functions cost no Gradio import.
 """
 
 from __future__ import annotations
@@ -40,19 +42,24 @@ MODES = (("Text → image", "text"), ("Image → image", "img2img"), ("Inpaint",
 SKETCH_STRENGTH = 0.8  # a sketch is a layout, not a picture: redraw more of it than of a photo
 STRENGTH_FIELD = {"img2img": "strength", "sketch": "sketch_strength"}  # inpaint and outpaint repaint at strength 1
 SKETCH_SIZE = 256  # the drawing canvas; the engine resizes it to the model's few dozen pixels
+# The control canvas' brush radius: the sketch is shrunk to the base model's 32 px (8 canvas pixels
+# each), and a line thinner than one of them fades into the paper.
+CONTROL_BRUSH = 6
 HISTORY_SHOWN = 48
 FRAME_S = 0.1  # at most ten page updates a second: enough to watch, and the browser keeps up
 # The models make a few dozen pixels: show them large and sharp, not blurred by the browser's scaling.
 STYLE = """<style>
 #preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
-#gallery img, #history img, #editor canvas, #sketch canvas { image-rendering: pixelated; }
+#gallery img, #history img, #editor canvas, #sketch canvas, #control canvas { image-rendering: pixelated; }
 </style>"""
 STAGES = {"base": "base", "sr": "super-resolution"}
 # The form fields "use these parameters" and a dropped PNG set, in the order of build_ui's outputs.
 RESTORED = (
     "model", "mode", "prompt", "negative_prompt", "seed", "sampler", "steps", "guidance", "num_images", "use_sr", "sr_steps",
     "sr_guidance", "threshold", "strength", "sketch_strength", "sr_strength", "mask_blur", "resample", "outpaint", "lora",
+    "controlnet", "control_scale", "control_start", "control_end",
 )  # fmt: skip
+CONTROL_DEFAULTS = {"control_scale": 1.0, "control_start": 0.0, "control_end": 1.0}
 
 
 # --- the form -> a request ---------------------------------------------------------------------
@@ -83,6 +90,9 @@ def request_from_form(form: dict[str, Any]) -> dict[str, Any]:
         data["image"], data["mask"] = editor_image_and_mask(form.get("editor"))
     elif mode == "sketch":
         data |= {"image": sketch_png(form.get("sketch")), "strength": form.get("sketch_strength")}
+    control = control_png(form.get("control"))
+    if control is not None:  # an empty canvas: no control, whatever its settings say
+        data |= {"control": control, "controlnet": form.get("controlnet") or None} | {k: form.get(k) for k in CONTROL_DEFAULTS}
     return {k: v for k, v in data.items() if v is not None}
 
 
@@ -156,6 +166,16 @@ def sketch_png(value: dict[str, Any] | None) -> str | None:
     if composite is None or bool((np.asarray(composite) == 255).all()):
         raise ConfigError("sketch: the canvas is empty; draw something to turn into an image")
     return png_base64(composite)
+
+
+def control_png(value: dict[str, Any] | None) -> str | None:
+    """The control canvas as a base64 PNG on white; None for an empty (all white) canvas."""
+    composite = to_pil((value or {}).get("composite"))
+    if composite is None:
+        return None
+    rgba = composite.convert("RGBA")
+    composite = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return None if bool((np.asarray(composite) == 255).all()) else png_base64(composite)
 
 
 # --- a job -> page updates ---------------------------------------------------------------------
@@ -272,9 +292,10 @@ def params_from_png(data: bytes, what: str, engine: Engine) -> dict[str, Any]:
     return read_params(data, what)
 
 
-def form_from_params(params: dict[str, Any], model_ids: list[str]) -> tuple[dict[str, Any], list[str]]:
+def form_from_params(params: dict[str, Any], model_ids: list[str], control_names: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
     """The form values that make an image again (``num_images`` 1: image i was made from its own
-    seed) and notes for what cannot be restored: the input image, a model this server lacks."""
+    seed) and notes for what cannot be restored: the input image or sketch, a model or control
+    this server lacks (``control_names``: the controls it offers)."""
     found = recalled(params)
     plain = ("prompt", "negative_prompt", "seed", "sampler", "steps", "guidance", "use_sr", "sr_steps", "sr_guidance", "threshold", "mask_blur", "outpaint")
     form = {k: found[k] for k in plain if k in found}
@@ -293,6 +314,14 @@ def form_from_params(params: dict[str, Any], model_ids: list[str]) -> tuple[dict
         notes.append(f"the model '{params.get('model_label', model)}' is not offered here; the selected model is kept")
     if mode != "text":
         notes.append(f"mode {mode}: add the input image again (a PNG keeps its parameters, not the image it was made from)")
+    form |= {k: found.get(k, v) for k, v in CONTROL_DEFAULTS.items()}  # none: the defaults, or the last image's would stay
+    control = found.get("controlnet")
+    if control is not None:
+        if control in (control_names or []):
+            form["controlnet"] = control
+        else:
+            notes.append(f"the control '{control}' is not offered here; the selected control is kept")
+        notes.append("sketch control: draw the sketch again (a PNG keeps its parameters, not the sketch)")
     return form, notes
 
 
@@ -319,6 +348,17 @@ def adapter_note(engine: Engine, model: str | None) -> str:
     return "Adapters of this server, to give as `name:weight, ...` (weight 1 if left out):\n\n" + "\n".join(lines)
 
 
+def control_choices(engine: Engine, model: str | None) -> tuple[list[tuple[str, str]], str | None]:
+    """The controls the server offers as dropdown choices (label, name), and the default one's name."""
+    try:
+        listed = engine.available_controls(model)
+    except ConfigError:
+        return [], None
+    fits = {True: "", False: ", trained on another model", None: ""}
+    choices = [(f"{c['name']} ({c['arch']}, {c['condition']}{fits[c['fits']]})", c["name"]) for c in listed["controls"]]
+    return choices, listed["default"]
+
+
 def form_defaults(defaults: dict[str, Any] | None) -> dict[str, Any]:
     """The form's initial sampling values: ``defaults`` over the library's own."""
     from imager.inference import CascadeSampling
@@ -334,6 +374,7 @@ def form_defaults(defaults: dict[str, Any] | None) -> dict[str, Any]:
 FORM = (
     "prompt", "negative_prompt", "mode", "model", "seed", "sampler", "steps", "guidance", "num_images", "threshold", "use_sr",
     "sr_steps", "sr_guidance", "sr_strength", "strength", "sketch_strength", "outpaint", "mask_blur", "resample", "preview_every", "lora",
+    "controlnet", "control_scale", "control_start", "control_end",
 )  # fmt: skip
 
 
@@ -407,6 +448,7 @@ def _form(c: dict[str, Any], engine: Engine, d: dict[str, Any]) -> None:
     with gr.Accordion("LoRA adapters", open=False):
         c["lora"] = gr.Textbox(label="Adapters and weights", placeholder="pixel-art.safetensors:0.8, outline.safetensors", elem_id="lora")
         c["adapters"] = gr.Markdown(adapter_note(engine, c["model"].value), elem_id="adapters")
+    _control_form(c, engine)
     with gr.Accordion("Advanced", open=False):
         c["preview_every"] = gr.Number(1, precision=0, minimum=1, maximum=1000, label="Preview every N steps", elem_id="preview_every")
         c["mask_blur"] = gr.Slider(0, 64, value=0, step=1, label="Mask blur (inpaint, outpaint), pixels", elem_id="mask_blur")
@@ -414,6 +456,26 @@ def _form(c: dict[str, Any], engine: Engine, d: dict[str, Any]) -> None:
     with gr.Row():
         c["generate"] = gr.Button("Generate", variant="primary", elem_id="generate")
         c["stop"] = gr.Button("Stop", variant="stop", elem_id="stop")
+
+
+def _control_form(c: dict[str, Any], engine: Engine) -> None:
+    """The sketch control: a canvas, the control to follow it with, its scale and window; hidden
+    while the server offers no control (the page shows it once one is there)."""
+    import gradio as gr
+
+    choices, default = control_choices(engine, c["model"].value)
+    with gr.Accordion("Sketch control (ControlNet)", open=False, visible=bool(choices), elem_id="control_section") as c["control_section"]:
+        white = {"background": np.full((SKETCH_SIZE, SKETCH_SIZE, 3), 255, dtype=np.uint8), "layers": [], "composite": None}
+        c["control"] = gr.Sketchpad(
+            value=white, label="Sketch to follow: dark lines on white (drawn or uploaded; left empty: no control)", type="pil", image_mode="RGBA",
+            sources=["upload", "clipboard"], canvas_size=(SKETCH_SIZE, SKETCH_SIZE), fixed_canvas=True, layers=False, format="png", elem_id="control",
+            brush=gr.Brush(colors=["#000000"], color_mode="fixed", default_size=CONTROL_BRUSH), eraser=gr.Eraser(default_size=CONTROL_BRUSH),
+        )  # fmt: skip
+        c["controlnet"] = gr.Dropdown(choices, value=default, label="Control", elem_id="controlnet")
+        with gr.Row():
+            c["control_scale"] = gr.Slider(0, 2, value=1, step=0.05, label="Control scale (0: off)", elem_id="control_scale")
+            c["control_start"] = gr.Slider(0, 1, value=0, step=0.05, label="From (0: pure noise)", elem_id="control_start")
+            c["control_end"] = gr.Slider(0, 1, value=1, step=0.05, label="To (1: the image)", elem_id="control_end")
 
 
 def _history(c: dict[str, Any]) -> None:
@@ -449,9 +511,11 @@ def _wire(page: gr.Blocks, c: dict[str, Any], engine: Engine) -> None:
     # The fields whose components start blank are named here with None defaults: gradio_client
     # makes every other parameter without an initial value a required one.
     def on_generate(*, prompt: Any = None, negative_prompt: Any = None, sr_strength: Any = None, resample: Any = None, lora: Any = None,
-                    image: Any = None, editor: Any = None, sketch: Any = None, **fields: Any) -> Iterator[tuple]:  # fmt: skip
+                    image: Any = None, editor: Any = None, sketch: Any = None, control: Any = None, controlnet: Any = None,
+                    **fields: Any) -> Iterator[tuple]:  # fmt: skip
         blank = {"prompt": prompt, "negative_prompt": negative_prompt, "sr_strength": sr_strength, "resample": resample, "lora": lora}
-        frames = generate(engine, fields | blank | {"image": image, "editor": editor, "sketch": sketch})
+        drawn = {"image": image, "editor": editor, "sketch": sketch, "control": control, "controlnet": controlnet}
+        frames = generate(engine, fields | blank | drawn)
         with contextlib.closing(frames):  # Gradio closing this generator (the page went away) stops the job
             try:
                 first = next(frames)
@@ -466,7 +530,7 @@ def _wire(page: gr.Blocks, c: dict[str, Any], engine: Engine) -> None:
 
     outputs = [c["job"], c["progress"], c["preview"], c["gallery"], c["seed_used"]]
     run = c["generate"].click(
-        on_generate, inputs_kwargs={k: c[k] for k in (*FORM, "image", "editor", "sketch")}, outputs=outputs,
+        on_generate, inputs_kwargs={k: c[k] for k in (*FORM, "image", "editor", "sketch", "control")}, outputs=outputs,
         api_name="generate", concurrency_limit=None, show_progress="minimal",
     )  # fmt: skip
 
@@ -486,6 +550,15 @@ def _wire(page: gr.Blocks, c: dict[str, Any], engine: Engine) -> None:
     page.load(lambda current: on_models(current, refresh=False), c["model"], c["model"], **private)  # the registry's cached listing
     c["model"].change(lambda model: adapter_note(engine, model), c["model"], c["adapters"], **private)
     page.load(lambda model: adapter_note(engine, model), c["model"], c["adapters"], **private)  # files added since the page was built
+
+    def on_controls(model: str | None, current: str | None) -> tuple[Any, Any]:
+        choices, default = control_choices(engine, model)
+        names = [n for _, n in choices]
+        return gr.update(choices=choices, value=current if current in names else default), gr.update(visible=bool(choices))
+
+    controls = [c["controlnet"], c["control_section"]]
+    c["model"].change(on_controls, [c["model"], c["controlnet"]], controls, **private)
+    page.load(on_controls, [c["model"], c["controlnet"]], controls, **private)
 
     history = [c["history"], c["names"]]
     c["history_refresh"].click(lambda: history_items(engine), None, history, **private)
@@ -511,7 +584,7 @@ def _wire(page: gr.Blocks, c: dict[str, Any], engine: Engine) -> None:
     def restore(params: dict[str, Any] | None) -> list[Any]:
         if not params:
             return [gr.skip()] * len(RESTORED) + ["Select an image of the history first."]
-        form, notes = form_from_params(params, [i for _, i in model_choices(engine)])
+        form, notes = form_from_params(params, [i for _, i in model_choices(engine)], [x.name for x in engine.controls.list()])
         note = "Parameters restored." + "".join(f"\n- {html.escape(n)}" for n in notes)
         return [form.get(k, gr.skip()) for k in RESTORED] + [note]
 
