@@ -47,6 +47,14 @@ TINY_FINETUNE = {
     "dataset": "lineart", "base": {"steps": 2, "grid": {"every": 1}}, "lora": {"steps": 2, "grid": {"every": 1}, "lora": {"rank": 2}}, "extra_ranks": [1],
     "evaluate": {"prompts": 3, "forgetting_prompts": 3, "probe_prompts": 2, "grid_rows": 2},
 }  # fmt: skip
+TINY_CONTROL = {
+    "data": "data", "default": "controlnet", "pairs": "lineart",
+    "variants": {
+        "controlnet": {"steps": 2, "grid": {"every": 1}, "control": {"arch": "controlnet", "hint_channels": [4]}},
+        "adapter": {"steps": 2, "grid": {"every": 1}, "control": {"arch": "adapter", "hint_channels": [4]}},
+    },
+    "evaluate": {"scales": [0.0, 1.0]},
+}  # fmt: skip
 STAGES = ["download", "shard", "embed", "train-base", "train-sr", "train-evaluator", "evaluate", "evaluate-edits"]
 DVC_STAGES = ["params"] + [s.replace("-", "_") for s in STAGES]
 
@@ -60,7 +68,7 @@ def pipeline_ids(experiment: str) -> list[tuple[str, str, str]]:
 def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, mlflow_uri):
     project = tmp_path / "project"
     project.mkdir()
-    for item in ("dvc.yaml", ".dvcignore", "imager", "stages", "finetune"):
+    for item in ("dvc.yaml", ".dvcignore", "imager", "stages", "finetune", "control"):
         src = REPO / item
         if src.is_dir():
             shutil.copytree(src, project / item, ignore=shutil.ignore_patterns("__pycache__"))
@@ -78,6 +86,7 @@ def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, mlflow_uri)
         edits=TINY_EDITS,
         datasets=TINY_DATASETS,
         finetune=TINY_FINETUNE,
+        control=TINY_CONTROL,
     )
     (project / "params.yaml").write_text(yaml.safe_dump({"seed": 0, "sampler": "dpmpp_2m", **params}))
     sh(project, "git", "init", "-q")
@@ -156,3 +165,15 @@ def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, mlflow_uri)
     assert result["lora_r2.scale0_equals_base"] is True
     assert result["lora_r1.trainable_parameters"] < result["lora_r2.trainable_parameters"] < result["full.trainable_parameters"]
     assert "Data and pipelines are up to date" in sh(project, "dvc", "status", "finetune/dvc.yaml")
+
+    # The trained sketch control (control/dvc.yaml): one run per variant on the frozen base, then the
+    # comparison with SDEdit on the edit evaluation's sketches.
+    controlled = sh(project, "dvc", "repro", "control/dvc.yaml")
+    for stage in ("train_control@controlnet", "train_control@adapter", "evaluate_control"):
+        assert f"Running stage 'control/dvc.yaml:{stage}'" in controlled
+    assert "Running stage 'train_base'" not in controlled
+    report = yaml.safe_load((project / "reports" / "control.json").read_text())
+    assert {"text_only", "sdedit", "controlnet", "adapter", "scales", "real"} <= set(report)
+    assert report["adapter"]["parameters"] < report["controlnet"]["parameters"]
+    assert set(report["scales"]) == {"0", "1"}
+    assert "Data and pipelines are up to date" in sh(project, "dvc", "status", "control/dvc.yaml")

@@ -15,8 +15,8 @@ from imager.inference.sampling import Stage
 from imager.models.config import ControlSettings, UNetConfig
 from imager.models.control import (
     ControlInput,
-    ControlNet,
     Controlled,
+    ControlNet,
     build_control,
     control_residuals,
     load_control,
