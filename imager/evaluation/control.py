@@ -95,9 +95,10 @@ def evaluate_control(
     metrics["real"] = {"sketch_fscore": float(edge_fscore(lines, dark_pixels(images, edits.sketch.threshold), edits.sketch.tolerance).mean())}
     metrics["real"] |= {k: ceiling[k] for k in ("fid_evaluator", "r_precision_evaluator")}
     columns = ["sdedit", *[c.name for c in controls]]
+    shown = range(min(edits.grid_images * 3, n))
     grid = grid_image(
-        [[sketch[i], *[results[k][i] for k in columns], images[i]] for i in range(min(edits.grid_images * 3, n))],
-        [f"{data.captions[i][:24]}: sketch | {' | '.join(columns)} | real" for i in range(min(edits.grid_images * 3, n))],
+        [[sketch[i], *[results[k][i] for k in columns], images[i]] for i in shown],
+        [f"{data.captions[i][:14]}: sketch|{'|'.join(columns)}|real" for i in shown],
     )
     return {"metrics": metrics, "curve": curve, "grid": grid, "plot": scale_plot(curve, metrics, default), "timings": timings}
 

@@ -248,6 +248,15 @@ class Controlled(nn.Module):
     def null_condition(self, batch_size: int):
         return self.base.null_condition(batch_size)
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """The base model's activation checkpointing (the frozen base still runs backward to the control)."""
+        return self.base.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self.base.gradient_checkpointing = value
+
     def forward(self, x: Tensor, t: Tensor, tokens: Tensor, mask: Tensor, pooled: Tensor, *, drop: Tensor | None = None, condition: Tensor) -> Tensor:
         b = x.shape[0]
         t = t.expand(b) if t.ndim == 0 else t

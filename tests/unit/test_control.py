@@ -227,3 +227,19 @@ def test_read_condition_from_a_sketch(tmp_path):
         read_condition(tmp_path / "wide.png", 16)
     with pytest.raises(ConfigError, match=r"^control: .*missing\.png does not exist$"):
         read_condition(tmp_path / "missing.png", 16)
+
+
+def test_checkpointing_reaches_the_frozen_base_and_gives_the_same_gradients():
+    base = tiny_base().train()
+    control = trained(build_control(base.requires_grad_(False), ControlSettings()))
+    model = Controlled(base, control)
+    x, t, tokens, mask, pooled, condition = inputs()
+    grads = []
+    for flag in (False, True):
+        model.gradient_checkpointing = flag
+        assert base.gradient_checkpointing is flag
+        control.zero_grad()
+        model(x, t, tokens, mask, pooled, condition=condition).square().mean().backward()
+        grads.append([p.grad.clone() for p in control.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
