@@ -465,9 +465,10 @@ def _control_form(c: dict[str, Any], engine: Engine) -> None:
 
     choices, default = control_choices(engine, c["model"].value)
     with gr.Accordion("Sketch control (ControlNet)", open=False, visible=bool(choices), elem_id="control_section") as c["control_section"]:
-        white = {"background": np.full((SKETCH_SIZE, SKETCH_SIZE, 3), 255, dtype=np.uint8), "layers": [], "composite": None}
+        # No background image: the editor offers Upload only on an empty canvas; the strokes are
+        # composited on white when sent.
         c["control"] = gr.Sketchpad(
-            value=white, label="Sketch to follow: dark lines on white (drawn or uploaded; left empty: no control)", type="pil", image_mode="RGBA",
+            label="Sketch to follow: dark lines on white (drawn or uploaded; left empty: no control)", type="pil", image_mode="RGBA",
             sources=["upload", "clipboard"], canvas_size=(SKETCH_SIZE, SKETCH_SIZE), fixed_canvas=True, layers=False, format="png", elem_id="control",
             brush=gr.Brush(colors=["#000000"], color_mode="fixed", default_size=CONTROL_BRUSH), eraser=gr.Eraser(default_size=CONTROL_BRUSH),
         )  # fmt: skip
