@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from imager.distributed import Distributor, RaySettings
 from imager.schema import Section
 
 
@@ -68,6 +69,8 @@ class Download(Section):
     folder: FolderSource = FolderSource()
     urls: UrlsSource = UrlsSource()
     hf: HfSource = HfSource()
+    distributor: Distributor = "local"  # ray: units of entries as Ray tasks (the same output)
+    ray: RaySettings = RaySettings()
 
     @field_validator("caption_format")
     @classmethod
@@ -103,6 +106,8 @@ class Shard(Section):
     max_aspect: float = Field(4.0, ge=1)  # long side / short side above this is skipped
     odd_modes: Literal["skip", "convert"] = "skip"  # CMYK, 16-bit, palette, animated, ...
     resample: Literal["lanczos", "bicubic", "bilinear", "box"] = "lanczos"
+    distributor: Distributor = "local"  # ray: units of records as Ray tasks (the same shards)
+    ray: RaySettings = RaySettings()
 
     @field_validator("resolution")
     @classmethod

@@ -4,48 +4,70 @@
 The report counts entries seen, kept and skipped by reason (each reason is a valid MLflow metric
 name, ``[a-z0-9_]``). It holds counts only, no timings, so that the same inputs give byte-identical
 outputs.
+
+With ``distributor: ray`` the source's entries are cut into units that Ray tasks turn into samples
+(render, read or fetch them); this process writes them in entry order, so the output is the same.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from imager.data.config import Download
-from imager.data.records import FORMAT_EXT, MANIFEST, Sample, Skip, image_info
+from imager.data.records import FORMAT_EXT, MANIFEST, Plan, Sample, Skip, image_info
 from imager.io import atomic_dir, sha256_bytes, write_jsonl
 
 log = logging.getLogger(__name__)
 
 
 
-def open_source(cfg: Download, fetch_cache: Path | None) -> tuple[Iterator[Sample | Skip], int]:
-    """The chosen source's items and how many entries it will yield (for the progress bar)."""
+def open_source(cfg: Download, fetch_cache: Path | None) -> Plan:
+    """The chosen source's plan: its entries and how they become samples."""
     if cfg.source == "openmoji":
-        from imager.data.openmoji import iter_openmoji
+        from imager.data.openmoji import openmoji_plan
 
-        return iter_openmoji(cfg.openmoji, cfg.resolution, cfg.limit)
+        return openmoji_plan(cfg.openmoji, cfg.resolution, cfg.limit)
     if cfg.source == "folder":
-        from imager.data.folder import iter_folder
+        from imager.data.folder import folder_plan
 
-        return iter_folder(cfg.folder, cfg.limit)
+        return folder_plan(cfg.folder, cfg.limit)
     if cfg.source == "urls":
-        from imager.data.urls import iter_urls
+        from imager.data.urls import urls_plan
 
-        return iter_urls(cfg.urls, cfg.limit, fetch_cache)
-    from imager.data.hf import iter_hf
+        return urls_plan(cfg.urls, cfg.limit, fetch_cache)
+    from imager.data.hf import hf_plan
 
-    return iter_hf(cfg.hf, cfg.limit)
+    return hf_plan(cfg.hf, cfg.limit)
+
+
+def source_items(cfg: Download, fetch_cache: Path | None) -> tuple[Iterator[Sample | Skip], int]:
+    """The source's samples and skips in entry order, and how many there are (for the progress bar):
+    made here, or by Ray tasks on units of ``cfg.ray.unit`` entries."""
+    plan = open_source(cfg, fetch_cache)
+    if cfg.distributor == "ray":
+        from imager.distributed import map_units, units_of
+
+        units = units_of(plan.entries, cfg.ray.unit)
+        done = map_units(_run_unit, units, "ray", cfg.ray, shared=(plan.run, plan.shared), desc=f"{cfg.source} on ray", unit_name="entry")
+        return plan.items(chain.from_iterable(done)), plan.total
+    return plan.items(), plan.total
+
+
+def _run_unit(unit: Sequence, shared: tuple) -> list:
+    run, args = shared
+    return list(run(unit, args))
 
 
 def download(cfg: Download, out: Path, fetch_cache: Path | None = None) -> dict[str, Any]:
     """Write the source's samples under ``out`` (replaced atomically); return the report."""
-    items, total = open_source(cfg, fetch_cache)
+    items, total = source_items(cfg, fetch_cache)
     skipped: Counter[str] = Counter()
     records: list[dict[str, Any]] = []
     seen_keys: set[str] = set()

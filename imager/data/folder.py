@@ -11,12 +11,13 @@ is not is skipped as ``caption_not_utf8``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
 from imager.data.config import FolderSource
-from imager.data.records import IMAGE_EXTS, Sample, Skip, clean_caption, safe_key, short_hash
+from imager.data.records import IMAGE_EXTS, Plan, Sample, Skip, clean_caption, safe_key, short_hash
 from imager.data.tables import read_table
 from imager.errors import SourceError
 
@@ -56,29 +57,35 @@ def _entries(cfg: FolderSource, root: Path) -> list[_Entry]:
     return entries
 
 
-def iter_folder(cfg: FolderSource, limit: int | None) -> tuple[Iterator[Sample | Skip], int]:
+def folder_plan(cfg: FolderSource, limit: int | None) -> Plan:
     root = Path(cfg.path or "")
     if not root.is_dir():
         problem = "not a directory" if root.exists() else "directory not found"
         raise SourceError(f"params.yaml: download.folder.path: {root}: {problem}")
-    entries = _entries(cfg, root)[:limit]
+    return Plan(_entries(cfg, root)[:limit], read_entries, (cfg, root), finish=_keyed)
 
-    def items() -> Iterator[Sample | Skip]:
-        used: set[str] = set()
-        for rel, caption, where in entries:
-            path = root / rel
-            if path.suffix.lower() not in IMAGE_EXTS:
-                yield Skip("unsupported_file", str(path))
-            elif not path.is_file():
-                yield Skip("missing_file", str(path))
-            elif caption is None:
-                yield Skip("no_caption", str(path))
-            elif (text := clean_caption(caption.read_bytes() if isinstance(caption, Path) else caption)) is None:
-                yield Skip("caption_not_utf8", where)
-            elif not text:
-                yield Skip("empty_caption", str(path))
-            else:
-                ext = path.suffix.lower().lstrip(".")
-                yield Sample(_key(rel, used), text, path.read_bytes(), cfg.licence, str(path), ext)
 
-    return items(), len(entries)
+def read_entries(entries: Sequence[_Entry], shared: tuple[FolderSource, Path]) -> Iterator[Sample | Skip]:
+    """A sample (keyed later, in order, by :func:`_keyed`) or a skip per entry."""
+    cfg, root = shared
+    for rel, caption, where in entries:
+        path = root / rel
+        if path.suffix.lower() not in IMAGE_EXTS:
+            yield Skip("unsupported_file", str(path))
+        elif not path.is_file():
+            yield Skip("missing_file", str(path))
+        elif caption is None:
+            yield Skip("no_caption", str(path))
+        elif (text := clean_caption(caption.read_bytes() if isinstance(caption, Path) else caption)) is None:
+            yield Skip("caption_not_utf8", where)
+        elif not text:
+            yield Skip("empty_caption", str(path))
+        else:
+            ext = path.suffix.lower().lstrip(".")
+            yield Sample("", text, path.read_bytes(), cfg.licence, str(path), ext)
+
+
+def _keyed(entries: Sequence[_Entry], results: Iterable[Sample | Skip]) -> Iterator[Sample | Skip]:
+    used: set[str] = set()
+    for entry, item in zip(entries, results, strict=True):
+        yield replace(item, key=_key(entry.rel, used)) if isinstance(item, Sample) else item

@@ -8,11 +8,11 @@ taken as their original encoded bytes where the dataset keeps them.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from imager.data.config import HfSource
-from imager.data.records import Sample, Skip, clean_caption, safe_key
+from imager.data.records import Plan, Sample, Skip, clean_caption, safe_key
 from imager.errors import SourceError
 
 
@@ -57,10 +57,21 @@ def _image_bytes(value) -> bytes | None:
     return None
 
 
-def iter_hf(cfg: HfSource, limit: int | None) -> tuple[Iterator[Sample | Skip], int]:
+def hf_plan(cfg: HfSource, limit: int | None) -> Plan:
+    ds = _dataset(cfg, limit)
+    return Plan(range(len(ds)), read_rows, (cfg, limit), finish=_unique_keys)
+
+
+_OPENED: dict[str, object] = {}  # the dataset this process opened last (a Ray worker reads many units of it)
+
+
+def _dataset(cfg: HfSource, limit: int | None):
+    key = f"{cfg.model_dump_json()} {limit}"
+    if key in _OPENED:
+        return _OPENED[key]
+    ds = _open(cfg)
     import datasets
 
-    ds = _open(cfg)
     for column in (cfg.image_column, cfg.caption_column, cfg.key_column):
         if column is not None and column not in ds.column_names:
             raise SourceError(f"{cfg.name}: no column '{column}' (columns: {', '.join(ds.column_names)})")
@@ -68,24 +79,38 @@ def iter_hf(cfg: HfSource, limit: int | None) -> tuple[Iterator[Sample | Skip], 
         ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
+    _OPENED.clear()
+    _OPENED[key] = ds
+    return ds
 
-    def items() -> Iterator[Sample | Skip]:
-        used: set[str] = set()
-        for i, row in enumerate(ds):
-            key = safe_key(str(row[cfg.key_column])) if cfg.key_column else f"{i:08d}"
-            origin = f"{cfg.name}[{cfg.split}][{i}]"
-            data = _image_bytes(row[cfg.image_column])
-            caption = clean_caption(row[cfg.caption_column])
-            if key in used:
-                yield Skip("duplicate_key", origin)
-            elif data is None:
-                yield Skip("no_image", origin)
-            elif caption is None:
-                yield Skip("caption_not_utf8", origin)
-            elif not caption:
-                yield Skip("empty_caption", origin)
-            else:
+
+def read_rows(indices: Sequence[int], shared: tuple[HfSource, int | None]) -> Iterator[tuple[str, Sample | Skip]]:
+    """(key, sample or skip) per row index; keys are made unique later, in order, by :func:`_unique_keys`."""
+    cfg, limit = shared
+    ds = _dataset(cfg, limit)
+    rows = ds if len(indices) == len(ds) else ds.select(indices)
+    for i, row in zip(indices, rows, strict=True):
+        key = safe_key(str(row[cfg.key_column])) if cfg.key_column else f"{i:08d}"
+        origin = f"{cfg.name}[{cfg.split}][{i}]"
+        data = _image_bytes(row[cfg.image_column])
+        caption = clean_caption(row[cfg.caption_column])
+        if data is None:
+            yield key, Skip("no_image", origin)
+        elif caption is None:
+            yield key, Skip("caption_not_utf8", origin)
+        elif not caption:
+            yield key, Skip("empty_caption", origin)
+        else:
+            yield key, Sample(key, caption, data, cfg.licence, origin)
+
+
+def _unique_keys(entries: Sequence[int], results: Iterable[tuple[str, Sample | Skip]]) -> Iterator[Sample | Skip]:
+    """The rows in order; a row whose key an earlier kept row has is a ``duplicate_key``."""
+    used: set[str] = set()
+    for key, item in results:
+        if key in used:
+            yield Skip("duplicate_key", item.origin)
+        else:
+            if isinstance(item, Sample):
                 used.add(key)
-                yield Sample(key, caption, data, cfg.licence, origin)
-
-    return items(), len(ds)
+            yield item

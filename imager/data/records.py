@@ -6,7 +6,10 @@ import hashlib
 import io
 import re
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
+from typing import Any
 
 from PIL import Image
 
@@ -43,6 +46,34 @@ class Skip:
 
     def __post_init__(self) -> None:
         check_reason(self.reason)
+
+
+def _as_is(entries: Sequence[Any], results: Iterable[Any]) -> Iterator[Any]:
+    return iter(results)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a source yields its samples: ``run(entries, shared)`` turns a run of entries into one
+    result each, in order (a module-level function, so that Ray can run it on units of entries),
+    and ``finish(entries, results)`` turns all the results, in entry order, into samples and skips
+    (the in-order part, such as giving keys that must be unique). The download step runs ``run``
+    over all entries here, or over units of them as Ray tasks: the samples are the same."""
+
+    entries: Sequence[Any]
+    run: Callable[[Sequence[Any], Any], Iterator[Any]]
+    shared: Any = None
+    finish: Callable[[Sequence[Any], Iterable[Any]], Iterator[Sample | Skip]] = _as_is
+    before: tuple[Skip, ...] = ()  # skips found while listing the entries, reported first
+
+    @property
+    def total(self) -> int:
+        return len(self.entries) + len(self.before)
+
+    def items(self, results: Iterable[Any] | None = None) -> Iterator[Sample | Skip]:
+        """The samples and skips in entry order, from ``results`` made elsewhere, or made here."""
+        made = self.run(self.entries, self.shared) if results is None else results
+        return chain(self.before, self.finish(self.entries, made))
 
 
 def check_reason(reason: str) -> str:

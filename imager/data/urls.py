@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from imager import __version__
 from imager.data.config import UrlsSource
-from imager.data.records import Sample, Skip, clean_caption, looks_like_image, short_hash
+from imager.data.records import Plan, Sample, Skip, clean_caption, looks_like_image, short_hash
 from imager.data.tables import read_table
 from imager.errors import SourceError
 from imager.io import atomic_write_bytes, atomic_write_json, sha256_bytes
@@ -200,20 +200,26 @@ def fetch_all(rows: list[UrlRow], cache: Path, cfg: UrlsSource) -> dict[str, str
     return results
 
 
-def iter_urls(cfg: UrlsSource, limit: int | None, cache: Path | None) -> tuple[Iterator[Sample | Skip], int]:
+def urls_plan(cfg: UrlsSource, limit: int | None, cache: Path | None) -> Plan:
     if cache is None:
         raise SourceError("the urls source needs a fetch cache directory (--fetch-cache)")
     rows, skipped = read_url_list(cfg, limit)
-    results = fetch_all(rows, cache, cfg)
+    cache.mkdir(parents=True, exist_ok=True)
+    return Plan(rows, fetch_rows, (cfg, cache), finish=_from_cache, before=tuple(skipped))
 
-    def items() -> Iterator[Sample | Skip]:
-        yield from skipped
-        for row in rows:
-            reason = results[row.key]
-            if reason is not None:
-                yield Skip(reason, row.url)
-            else:
-                data = (cache / f"{row.key}.data").read_bytes()
-                yield Sample(row.key, row.caption, data, row.licence, row.url)
 
-    return items(), len(rows) + len(skipped)
+def fetch_rows(rows: Sequence[UrlRow], shared: tuple[UrlsSource, Path]) -> Iterator[tuple[str | None, Path]]:
+    """Fetch the rows into the cache (``cfg.workers`` at once); (skip reason or None, cache) per row."""
+    cfg, cache = shared
+    results = fetch_all(list(rows), cache, cfg)
+    for row in rows:
+        yield results[row.key], cache
+
+
+def _from_cache(rows: Sequence[UrlRow], results: Iterable[tuple[str | None, Path]]) -> Iterator[Sample | Skip]:
+    for row, (reason, cache) in zip(rows, results, strict=True):
+        if reason is not None:
+            yield Skip(reason, row.url)
+        else:
+            data = (cache / f"{row.key}.data").read_bytes()
+            yield Sample(row.key, row.caption, data, row.licence, row.url)

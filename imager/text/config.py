@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from imager.distributed import Distributor, RaySettings
 from imager.schema import Section
 
 
@@ -47,6 +48,8 @@ class Embed(Section):
     clip: ClipEncoder = ClipEncoder()
     t5: T5Encoder = T5Encoder()
     transformers: TransformersEncoder = TransformersEncoder()
+    distributor: Distributor = "local"  # ray: units of whole batches as Ray tasks (the same cache)
+    ray: RaySettings = RaySettings()
 
     @model_validator(mode="after")
     def _transformers_has_a_path(self) -> Embed:

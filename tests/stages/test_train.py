@@ -342,7 +342,30 @@ def torchrun(data: dict, root: Path, params: Path, name: str) -> subprocess.Comp
     return subprocess.run(cmd, check=False, cwd=root, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_two_process_ddp_writes_once_and_resumes_exactly(data, tmp_path, mlflow_uri):
+def torchrun_nodes(data: dict, root: Path, params: Path, name: str) -> list[subprocess.CompletedProcess]:
+    """The same run on two "nodes" of one process each (multi-node torchrun, c10d rendezvous on
+    127.0.0.1), each started in a folder of its own; the outputs go to ``root``, the storage they
+    share."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    procs = []
+    for node in range(2):
+        cwd = root / f"node{node}"
+        cwd.mkdir(exist_ok=True)
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+            "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", name,
+            "-m", "stages", *train_args("train-base", data, root, params, name),
+        ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    done = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
+def test_ddp_on_one_and_on_two_nodes_writes_once_and_resumes_exactly(data, tmp_path, mlflow_uri):
     params = write_params(tmp_path / "params.yaml", train_base=DDP, tracking={"enabled": True, "experiment": "train-ddp"})
     proc = torchrun(data, tmp_path, params, "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -357,17 +380,31 @@ def test_two_process_ddp_writes_once_and_resumes_exactly(data, tmp_path, mlflow_
     assert run.info.status == "FINISHED" and run.data.tags["imager.stage"] == "train-base"
     reference = weights(out)
 
-    # Rewind to the mid-run checkpoint (what a kill after step 4 leaves) and rerun: both ranks resume,
-    # each with its own RNG states, and land on the same weights. Tracking does not enter the fingerprint.
-    ckpt = tmp_path / "run_ckpt"
+    # Two nodes of one process each: the same two ranks, the same weights; only the global rank 0
+    # (node 0) writes and logs, node 1's folder stays empty.
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    node_params = write_params(nodes / "params.yaml", train_base=DDP, tracking={"enabled": True, "experiment": "train-nodes"})
+    procs = torchrun_nodes(data, nodes, node_params, "run")
+    assert [p.returncode for p in procs] == [0, 0], procs[0].stderr[-2000:] + procs[1].stderr[-2000:]
+    assert procs[0].stderr.count("report written to") == 1 and "report written to" not in procs[1].stderr
+    assert list((nodes / "node1").iterdir()) == []
+    [run] = mlflow.search_runs(experiment_names=["train-nodes"], output_format="list")
+    assert run.info.status == "FINISHED"
+    assert_identical(weights(nodes / "run_out"), reference)
+
+    # Rewind to the mid-run checkpoint (what a kill after step 4 leaves) and rerun on the two nodes:
+    # both ranks resume, each with its own RNG states, and land on the same weights. Tracking does
+    # not enter the fingerprint.
+    ckpt = nodes / "run_ckpt"
     shutil.rmtree(ckpt / f"step-{DDP['steps']:08d}")
     (ckpt / "latest").write_text(f"step-{DDP['checkpoint_every']:08d}\n")
-    shutil.rmtree(out)
-    quiet = write_params(tmp_path / "quiet.yaml", train_base=DDP)
-    proc = torchrun(data, tmp_path, quiet, "run")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count(f"(step {DDP['checkpoint_every']})") == 2, proc.stderr[-3000:]
-    assert_identical(weights(out), reference)
+    shutil.rmtree(nodes / "run_out")
+    quiet = write_params(nodes / "quiet.yaml", train_base=DDP)
+    procs = torchrun_nodes(data, nodes, quiet, "run")
+    assert [p.returncode for p in procs] == [0, 0], procs[0].stderr[-2000:] + procs[1].stderr[-2000:]
+    assert all(p.stderr.count(f"(step {DDP['checkpoint_every']})") == 1 for p in procs), procs[1].stderr[-3000:]
+    assert_identical(weights(nodes / "run_out"), reference)
 
 
 def test_ranks_read_disjoint_samples(data):

@@ -177,18 +177,17 @@ def test_colour_style_is_the_font_rendering(monkeypatch):
     codes = ["1F1EF-1F1F5", "1F600", "2764-FE0F"]
     monkeypatch.setattr(openmoji, "hexcodes", lambda: codes)
     for cfg in (OpenMojiSource(), OpenMojiSource(style="color", font="colr1")):
-        items, total = openmoji.iter_openmoji(cfg, 40, None)
-        samples = list(items)
-        assert total == 3 and [s.key for s in samples] == codes
+        plan = openmoji.openmoji_plan(cfg, 40, None)
+        samples = list(plan.items())
+        assert plan.total == 3 and [s.key for s in samples] == codes
         assert [s.data for s in samples] == [_png(openmoji.render(c, 40, cfg.font)) for c in codes]
 
 
 def test_line_style_pairs_with_the_colour_style_by_key():
-    colour, total_c = openmoji.iter_openmoji(OpenMojiSource(), 24, 30)
-    line, total_l = openmoji.iter_openmoji(OpenMojiSource(style="line"), 24, 30)
-    colour = [s for s in colour if isinstance(s, Sample)]
-    line = [s for s in line if isinstance(s, Sample)]
-    assert total_c == total_l == 30
+    colour_plan, line_plan = openmoji.openmoji_plan(OpenMojiSource(), 24, 30), openmoji.openmoji_plan(OpenMojiSource(style="line"), 24, 30)
+    colour = [s for s in colour_plan.items() if isinstance(s, Sample)]
+    line = [s for s in line_plan.items() if isinstance(s, Sample)]
+    assert colour_plan.total == line_plan.total == 30
     assert len(colour) > 10 and [s.key for s in line] == [s.key for s in colour]
     for c, ln in zip(colour, line, strict=True):
         assert (ln.caption, ln.ext, ln.licence) == (c.caption, c.ext, c.licence)
