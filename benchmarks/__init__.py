@@ -15,6 +15,8 @@ change in machine load hits both:
     data        the webdataset ShardLoader vs a folder of PNG files read with PIL, samples/s
     quality     (with ``--quality EXPERIMENT``) evaluator FID and R-precision of two DVC
                 experiments trained at equal compute, Imager's network vs ``arch: diffusers``
+    distributed (only with ``--only distributed``) the data stages on a local Ray with 2 workers
+                vs 1, and with 1 vs one process, entries/s, the outputs checked byte for byte
 
 :func:`benchmarks.run.run_bench` runs them and returns a :class:`benchmarks.report.Report`
 (JSON-ready, with a markdown rendering); ``python -m benchmarks`` (:mod:`benchmarks.__main__`)

@@ -36,7 +36,7 @@ def bench(
     batch: Annotated[int | None, typer.Option(min=1, help="Training/cache/data batch. Default: train_base.batch_size.")] = None,
     sampling_batch: Annotated[int | None, typer.Option(min=1, help="Sampling batch. Default 32.")] = None,
     steps: Annotated[int | None, typer.Option(min=1, max=1000, help="Sampling steps. Default 20.")] = None,
-    only: Annotated[list[str] | None, typer.Option(help="Run only these comparisons (repeatable): training, sampling, cache, data, ui, quality, finetune.")] = None,
+    only: Annotated[list[str] | None, typer.Option(help="Run only these comparisons (repeatable): training, sampling, cache, data, ui, quality, finetune; distributed (the data stages on Ray) runs only when named.")] = None,
     fid: Annotated[bool, typer.Option("--fid", help="Also DPM-Solver++ 20 vs DDPM 1000 steps in FID (needs trained base model + evaluator; slow).")] = False,
     fid_prompts: Annotated[int | None, typer.Option(min=2, help="Held-out prompts for --fid. Default: evaluate.sweep.prompts.")] = None,
     fid_seeds: Annotated[int | None, typer.Option(min=1, help="Noise seeds for --fid (their images are scored together). Default 3 (quick: 2).")] = None,
@@ -54,12 +54,12 @@ def bench(
     """Benchmark Imager against diffusers and the simple alternatives; write JSON + markdown and print the table."""
     import torch
 
-    from benchmarks.run import COMPARISONS, QUICK_MODEL, BenchPaths, BenchSettings, run_bench
+    from benchmarks.run import COMPARISONS, OPT_IN, QUICK_MODEL, BenchPaths, BenchSettings, run_bench
     from imager.inference.sampling import resolve_device
     from imager.io import atomic_write_json, atomic_write_text
     from imager.models.diffusers_unet import require_diffusers
 
-    chosen = tuple(only) if only else COMPARISONS
+    chosen = tuple(only) if only else tuple(c for c in COMPARISONS if c not in OPT_IN)
     unknown = [c for c in chosen if c not in COMPARISONS]
     if unknown:
         raise ConfigError(f"--only: unknown comparison '{unknown[0]}'; valid: {', '.join(COMPARISONS)}")
@@ -71,7 +71,7 @@ def bench(
     if publish:
         outputs.append((PUBLISHED / "benchmarks.json", PUBLISHED / "benchmarks.md"))
     run_on = resolve_device(device)
-    if set(chosen) - {"quality", "finetune"}:
+    if set(chosen) - {"quality", "finetune", "distributed"}:
         require_diffusers()  # the one-line install hint before anything slow
     p = load_params(params)
     tb = p.train_base

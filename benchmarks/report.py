@@ -41,6 +41,8 @@ TARGETS: dict[str, tuple[Literal[">=", "<="], float] | None] = {
     "finetune_memory": None,
     "finetune_trainable": None,
     "finetune_file": None,
+    # the data stages on Ray: 2 workers vs 1, and 1 worker vs one process (reported, no target)
+    **{f"ray_{row}_{stage}": None for row in ("scaling", "overhead") for stage in ("download", "shard", "embed")},
 }
 MET, NOT_MET, NO_TARGET = "✅ met", "❌ not met", "—"
 

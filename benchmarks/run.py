@@ -35,8 +35,9 @@ from imager.models.diffusers_unet import require_diffusers
 from imager.text.config import Embed
 
 log = logging.getLogger(__name__)
-COMPARISONS = ("training", "sampling", "cache", "data", "ui", "quality", "finetune")  # quality: with --quality EXPERIMENT; ui: with trained models
-WITHOUT_DIFFUSERS = {"quality", "ui", "finetune"}  # comparisons that build no diffusers model
+COMPARISONS = ("training", "sampling", "cache", "data", "ui", "quality", "finetune", "distributed")  # quality: with --quality EXPERIMENT; ui: with trained models
+OPT_IN = ("distributed",)  # run only when named with --only: each starts a Ray cluster and runs the data stages three times
+WITHOUT_DIFFUSERS = {"quality", "ui", "finetune", "distributed"}  # comparisons that build no diffusers model
 BUSY_SHARE = 0.2  # share of the CPU used by other processes during the run above which the numbers get a warning
 
 
@@ -67,7 +68,7 @@ class BenchSettings:
     ui_clients: int = 4  # concurrent clients of the web app's throughput
     ui_requests: int = 3  # requests each
     seed: int = 0
-    only: tuple[str, ...] = COMPARISONS
+    only: tuple[str, ...] = tuple(c for c in COMPARISONS if c not in OPT_IN)
     quick: bool = False
 
     @classmethod
@@ -122,7 +123,7 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
             encoder_box.append(load_text_encoder(embed))
         return encoder_box[0]
 
-    measured = set(s.only) - {"quality", "ui"}  # quality only reads DVC experiments; ui serves the trained cascade
+    measured = set(s.only) - {"quality", "ui", "distributed"}  # quality only reads DVC experiments; ui serves the trained cascade
     config = resolve_config(model, **_text_dims(paths.embeddings, encoder)) if measured or s.fid else model
     comparisons: list[Comparison] = []
     notes: list[str] = []
@@ -195,6 +196,20 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
                              "the container's: a tar shard read through its index vs a file per sample. The index (one tarfile "
                              f"pass per shard, cached) took {d['shard_index_seconds']:.2f} s for {d['shards']} shards, once per "
                              "process, before timing, as the folder's file list.")
+    if "distributed" in s.only:
+        from benchmarks.distributed import bench_distributed
+        from imager import config as imager_config
+
+        with tempfile.TemporaryDirectory(prefix="imager-benchmarks-ray-") as tmp:
+            rows, shared = bench_distributed(imager_config.load(paths.params), Path(tmp), quick=s.quick, seed=s.seed)
+        rows[0].details.update(shared)
+        comparisons += rows
+        eff = ", ".join(f"{r.key.split('_')[-1]} {100 * r.details['scaling_efficiency']:.0f} %" for r in rows[::2])
+        notes.append(f"Ray: the data stages of params.yaml, each run once in one process and on a local Ray of 2 CPUs with 1 and "
+                     f"2 tasks at once (cluster start {shared['ray_start_seconds']:.1f} s, not timed; workers warm); the three "
+                     f"outputs are the same bytes. Scaling efficiency (speed-up / 2): {eff}. Per-core rates for docs/cluster.md: "
+                     f"photo-sized JPEGs through the shard step {shared['photo_jpegs_512x384_shard_per_core']:.0f}/s, twelve-word "
+                     f"captions through the encoder {shared['twelve_word_captions_embed_per_core']:.0f}/s.")
     if "ui" in s.only:
         if paths.base_model.is_file() and paths.sr_model.is_file():
             from benchmarks.ui import bench_ui
@@ -244,4 +259,4 @@ def _busy_notes(machine: dict[str, Any], start) -> list[str]:
     return []
 
 
-__all__ = ["COMPARISONS", "BenchPaths", "BenchSettings", "QUICK_MODEL", "run_bench"]
+__all__ = ["COMPARISONS", "OPT_IN", "BenchPaths", "BenchSettings", "QUICK_MODEL", "run_bench"]

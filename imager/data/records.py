@@ -8,7 +8,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, islice
 from typing import Any
 
 from PIL import Image
@@ -71,9 +71,15 @@ class Plan:
         return len(self.entries) + len(self.before)
 
     def items(self, results: Iterable[Any] | None = None) -> Iterator[Sample | Skip]:
-        """The samples and skips in entry order, from ``results`` made elsewhere, or made here."""
+        """The samples and skips in entry order, from ``results`` made elsewhere, or made here.
+
+        The first result is made before this returns, so that the download step creates its
+        temporary output folder only after it: the urls source fetches its whole list (or first
+        unit) then, and a run killed while fetching leaves nothing but the fetch cache."""
         made = self.run(self.entries, self.shared) if results is None else results
-        return chain(self.before, self.finish(self.entries, made))
+        rest = self.finish(self.entries, made)
+        head = list(islice(rest, 1))
+        return chain(self.before, head, rest)
 
 
 def check_reason(reason: str) -> str:
