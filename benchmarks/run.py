@@ -238,7 +238,8 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
                      f"of reports/evaluate.json on {rows[0].details['samples']} held-out prompts, R-precision at "
                      f"k = {rows[0].details['r_precision_k']}; lower FID is better.")
     notes.append("Timing: the two sides alternate round by round; each number is the median of its recorded rounds.")
-    notes += _busy_notes(machine, clock)
+    if "distributed" not in s.only:  # the Ray workers are this benchmark's own processes
+        notes += _busy_notes(machine, clock)
     settings_json = {**dataclasses.asdict(s), "only": list(s.only), "device": str(device), "model": config.model_dump(mode="json"),
                      "schedule": schedule.model_dump(mode="json"), "prediction": prediction, "timing": "interleaved rounds, medians"}
     return Report(machine=machine, settings=settings_json, comparisons=comparisons, notes=notes)
