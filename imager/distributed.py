@@ -14,6 +14,7 @@ paths on storage it shares with the driver.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -119,6 +120,22 @@ def _get(ray, ref, index: int, settings: RaySettings) -> Any:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+@contextlib.contextmanager
+def session(distributor: Distributor) -> Iterator[None]:
+    """Keep one Ray connection across several :func:`map_units` calls (each would otherwise start
+    and stop a local Ray of its own); nothing for ``local``."""
+    if distributor != "ray":
+        yield
+        return
+    ray = import_ray()
+    started = connect(ray)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def import_ray():

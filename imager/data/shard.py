@@ -135,24 +135,25 @@ UNITS = ".units"  # the temporary unit tars, inside the output's temporary direc
 def _shard_units(records, download_dir: Path, tmp: Path, cfg: Shard, counts, skipped, converted) -> None:
     import shutil
 
-    from imager.distributed import map_units, units_of
+    from imager.distributed import map_units, session, units_of
 
     units = list(enumerate(units_of(records, cfg.ray.unit)))
     (tmp / UNITS).mkdir()
     per_unit: list[dict[str, int]] = []
-    for outcome in map_units(_prepare_unit, units, "ray", cfg.ray, shared=(download_dir, tmp, cfg), desc="shard", weight=lambda u: len(u[1]), unit_name="img"):
-        per_unit.append({s: 0 for s in SPLITS})
-        for split, note in outcome:
-            if split is None:
-                skipped[note] += 1
-                continue
-            per_unit[-1][split] += 1
-            counts[split] += 1
-            if note:
-                converted[note] += 1
-    jobs = [job for split in SPLITS for job in _final_shards(split, per_unit, cfg.samples_per_shard, tmp)]
-    for _ in map_units(_write_final, jobs, "ray", cfg.ray, desc="assemble shards", weight=lambda j: sum(b - a for _, a, b in j[1]), unit_name="img"):
-        pass
+    with session("ray"):  # one Ray for both rounds of tasks
+        for outcome in map_units(_prepare_unit, units, "ray", cfg.ray, shared=(download_dir, tmp, cfg), desc="shard", weight=lambda u: len(u[1]), unit_name="img"):
+            per_unit.append({s: 0 for s in SPLITS})
+            for split, note in outcome:
+                if split is None:
+                    skipped[note] += 1
+                    continue
+                per_unit[-1][split] += 1
+                counts[split] += 1
+                if note:
+                    converted[note] += 1
+        jobs = [job for split in SPLITS for job in _final_shards(split, per_unit, cfg.samples_per_shard, tmp)]
+        for _ in map_units(_write_final, jobs, "ray", cfg.ray, desc="assemble shards", weight=lambda j: sum(b - a for _, a, b in j[1]), unit_name="img"):
+            pass
     shutil.rmtree(tmp / UNITS)
 
 
