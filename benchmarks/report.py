@@ -140,6 +140,11 @@ class Report:
             "notes": self.notes,
         }
 
+    def _rounds(self) -> str:
+        if self.settings.get("only") == ["distributed"]:
+            return "Each side run once (the data stages take seconds to minutes each)"
+        return f"Medians over {self.settings['repeats']} repeats after {self.settings['warmup']} warm-up rounds"
+
     def markdown(self) -> str:
         m = self.machine
         device = m.get("gpu") or f"{m['cpu']} ({m['cpu_cores_usable']} usable of {m['cpu_cores']} cores, {m['torch_threads']} torch threads)"
@@ -147,8 +152,7 @@ class Report:
             "# Imager benchmarks",
             "",
             f"Measured by `python -m benchmarks` on **{device}**; torch {m['torch']}, diffusers {m['diffusers']}, "
-            f"{m['platform']}. Medians over {self.settings['repeats']} repeats after {self.settings['warmup']} warm-up "
-            f"rounds{' (quick smoke run: tiny sizes, not representative)' if self.settings.get('quick') else ''}.",
+            f"{m['platform']}. {self._rounds()}{' (quick smoke run: tiny sizes, not representative)' if self.settings.get('quick') else ''}.",
             "",
             "| " + " | ".join(HEADER) + " |",
             "|" + "|".join(["---"] * len(HEADER)) + "|",

@@ -237,7 +237,8 @@ def run_bench(model: UNetConfig, schedule: ScheduleConfig, prediction: str, embe
                      f"'{s.quality}' ({rows[0].theirs_label}, {steps[1]} steps), the same pipeline otherwise; evaluator metrics "
                      f"of reports/evaluate.json on {rows[0].details['samples']} held-out prompts, R-precision at "
                      f"k = {rows[0].details['r_precision_k']}; lower FID is better.")
-    notes.append("Timing: the two sides alternate round by round; each number is the median of its recorded rounds.")
+    if set(s.only) - {"distributed"}:
+        notes.append("Timing: the two sides alternate round by round; each number is the median of its recorded rounds.")
     if "distributed" not in s.only:  # the Ray workers are this benchmark's own processes
         notes += _busy_notes(machine, clock)
     settings_json = {**dataclasses.asdict(s), "only": list(s.only), "device": str(device), "model": config.model_dump(mode="json"),
