@@ -19,6 +19,11 @@ at its weight (:mod:`imager.inference.adapters`); the files are checked before a
 the PNG records them (``adapters``: file, weight, SHA-256, stage, rank). ``--merge-lora`` folds them
 into the weights first: one matmul less per adapted layer and step, the same image up to rounding.
 
+A dataset (``--prompts FILE --out DIR``): ``--num`` images per prompt of the list, written as a
+folder the data stages read back (PNGs, captions, a manifest of every image's parameters; tar
+shards too with ``--format webdataset``), in chunks that a rerun skips when already made
+(:mod:`imager.inference.dataset`).
+
 A sketch (``--control SKETCH[:SCALE]``, repeatable) steers the base model through a trained control
 (``--controlnet``: a ControlNet or adapter file of `imager train-control`, refused for another base
 model), from ``--control-start`` to ``--control-end`` of the sampling; the PNG records each
@@ -46,13 +51,18 @@ SAMPLING = "Sampling (default: params.yaml `sampler` and `evaluate`)"
 IMAGE = "Image input"
 ADAPTERS = "LoRA adapters"
 CONTROL = "Sketch control (ControlNet)"
+DATASET = "A dataset from a prompt list"
 
 
 @user_errors
 def generate(
-    prompt: Annotated[str, typer.Argument(help="What to draw, e.g. 'red apple'; may be '' with --init-image (the image alone guides).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write; with --num N > 1, NAME-0.png ... NAME-{N-1}.png.")],
-    num: Annotated[int, typer.Option("--num", "-n", min=1, max=1024, help="Images to make (seeds seed, seed+1, ... within a batch).")] = 1,
+    prompt: Annotated[str | None, typer.Argument(help="What to draw, e.g. 'red apple'; may be '' with --init-image (the image alone guides). Leave out with --prompts.", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="PNG to write; with --num N > 1, NAME-0.png ... NAME-{N-1}.png. With --prompts: the dataset's folder.", show_default=False)] = None,
+    num: Annotated[int, typer.Option("--num", "-n", min=1, max=1024, help="Images to make (seeds seed, seed+1, ... within a batch); with --prompts, images per prompt.")] = 1,
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="A dataset from a prompt list (a text file, one per line, or a csv/jsonl/parquet table with a prompt column) into the folder --out: PNGs, captions and a manifest; run again to resume.", rich_help_panel=DATASET, show_default=False)] = None,
+    chunk: Annotated[int, typer.Option(min=1, max=4096, help="Prompts made together (a unit of resuming; its images draw their noise from seed + its first image's index).", rich_help_panel=DATASET)] = 8,
+    data_format: Annotated[str, typer.Option("--format", help="folder (images, captions, manifest) or webdataset (the same, and tar shards in DIR/shards).", rich_help_panel=DATASET)] = "folder",
+    licence: Annotated[str, typer.Option(help="The licence the dataset's manifest records for its images.", rich_help_panel=DATASET)] = "CC BY-SA 4.0",
     negative: Annotated[str | None, typer.Option("--negative", help="Negative prompt: what to steer away from (replaces the unconditional branch of guidance).", rich_help_panel=SAMPLING)] = None,
     sampler: Annotated[str | None, typer.Option(help="Sampler of both stages.", rich_help_panel=SAMPLING)] = None,
     steps: Annotated[int | None, typer.Option(min=1, max=1000, help="Base-model steps.", rich_help_panel=SAMPLING)] = None,
@@ -90,11 +100,18 @@ def generate(
     from imager.inference.cascade import encode_negative
     from imager.inference.conditions import load_controls
     from imager.inference.config import with_overrides
+    from imager.inference.dataset import read_prompts
     from imager.inference.images import to_hwc
     from imager.inference.metadata import file_sha256, image_params, save_png
     from imager.text import load_text_encoder
 
     p = load_params(params)
+    if prompts is not None:
+        _refuse_with_prompts(prompt=prompt, init_image=init_image, mask=mask, outpaint=outpaint, control=control, out=out, data_format=data_format)
+    elif prompt is None:
+        raise ConfigError("give a PROMPT (e.g. 'red apple') or --prompts FILE (a dataset from a prompt list)")
+    elif out is None:
+        raise ConfigError("--out: give the PNG to write, e.g. --out apple.png")
     if strength is None and init_image is not None:
         strength = 1.0 if mask is not None or outpaint is not None else IMG2IMG_STRENGTH
     given = {"sampler": sampler, "steps": steps, "guidance": guidance, "spacing": spacing, "eta": eta, "threshold": threshold,
@@ -103,11 +120,13 @@ def generate(
     sampling = with_overrides(p.evaluate.sampling(p.sampler), given, cli=True)
     for stage in ("base", "sr"):  # bad input fails before any model loads
         check_sampling(sampling.stage(stage))
-    if not prompt.strip() and init_image is None:  # an edit of an image may go without text
+    if prompts is not None:
+        texts = read_prompts(prompts)
+    elif not prompt.strip() and init_image is None:  # an edit of an image may go without text
         raise ConfigError("prompt 1 is empty; give a text such as 'red apple', or an --init-image to edit")
-    if out.suffix.lower() != ".png":
+    elif out.suffix.lower() != ".png":
         raise ConfigError(f"--out: must be a .png file, got '{out}'")
-    if out.parent and not out.parent.is_dir():
+    elif out.parent and not out.parent.is_dir():
         raise ConfigError(f"--out: directory {out.parent} does not exist")
     if negative is not None and negative.strip() and sampling.base.guidance == 1 and (no_sr or sampling.sr.guidance == 1):
         log.warning("--negative has no effect at guidance 1: the unconditional branch is not evaluated")
@@ -131,6 +150,11 @@ def generate(
     hf_logging.disable_progress_bar()  # one bar (ours), and one line on an error
     encoder = load_text_encoder(p.embed)
     cascade.check_encoder(encoder)
+    identity = {"base_sha256": file_sha256(base)} | ({} if no_sr else {"sr_sha256": file_sha256(sr)})
+    if prompts is not None:
+        make_dataset_of(texts, out, num, chunk, data_format, licence, cascade=cascade, encoder=encoder, sampling=sampling, negative=negative,
+                        use_sr=not no_sr, identity=identity, adapters=record, shard_cfg=p.shard)  # fmt: skip
+        return
     cond, truncated = encode_prompts(encoder, [prompt] * num, allow_empty=edit is not None)
     if truncated:
         log.warning("the prompt is longer than %d tokens and was cut", encoder.max_length)
@@ -140,7 +164,6 @@ def generate(
         low, high = cascade.generate(cond, sampling, negative=neg, use_sr=not no_sr, on_batch=bar.update, control=controls, **image_in)
     images = to_hwc(high if high is not None else low).numpy()
     paths = [out] if num == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(num)]
-    identity = {"base_sha256": file_sha256(base)} | ({} if no_sr else {"sr_sha256": file_sha256(sr)})
     mode = "text" if edit is None else "outpaint" if outpaint is not None else "inpaint" if mask is not None else "img2img"
     for i, (image, path) in enumerate(zip(images, paths, strict=True)):
         start = i - i % sampling.batch_size  # the batch's noise is drawn from seed + its first index
@@ -152,6 +175,65 @@ def generate(
         )  # fmt: skip
         save_png(path, image, meta)
     typer.echo("\n".join(str(p) for p in paths))
+
+
+def _refuse_with_prompts(*, prompt, init_image, mask, outpaint, control, out, data_format) -> None:
+    """One line for what a dataset from a prompt list cannot take."""
+    if prompt is not None:
+        raise ConfigError("give a PROMPT or --prompts FILE, not both")
+    for name, given in (("--init-image", init_image), ("--mask", mask), ("--outpaint", outpaint), ("--control", control)):
+        if given:
+            raise ConfigError(f"{name}: not with --prompts (a dataset is made from text alone)")
+    if out is None:
+        raise ConfigError("--out: give the folder of the dataset, e.g. --out data/synthetic")
+    if data_format not in ("folder", "webdataset"):
+        raise ConfigError(f"--format: must be folder or webdataset, got '{data_format}'")
+
+
+def make_dataset_of(texts: list[str], out: Path, per_prompt: int, chunk: int, data_format: str, licence: str, *, cascade, encoder, sampling,
+                    negative: str | None, use_sr: bool, identity: dict, adapters, shard_cfg) -> None:  # fmt: skip
+    """`imager generate --prompts`: the dataset's folder (and shards), resumed where it stopped."""
+    from tqdm.auto import tqdm
+
+    from imager.inference import encode_prompts
+    from imager.inference.cascade import encode_negative
+    from imager.inference.dataset import SETTINGS, make_dataset, prompts_sha256
+    from imager.inference.images import to_hwc
+    from imager.inference.metadata import image_params, png_bytes
+
+    settings = {"prompts_sha256": prompts_sha256(texts), "per_prompt": per_prompt, "chunk": chunk, "negative_prompt": negative or "",
+                "sampling": sampling.model_dump(mode="json"), "use_sr": use_sr, **identity, "adapters": adapters, "licence": licence}  # fmt: skip
+    neg = encode_negative(encoder, [negative or ""])
+
+    def make(c) -> list[tuple[bytes, dict]]:
+        rows = [text for text in c.prompts for _ in range(per_prompt)]
+        cond, truncated = encode_prompts(encoder, rows)
+        if truncated:
+            log.warning("%d prompts of prompts %d-%d are longer than %d tokens and were cut", truncated // per_prompt, c.first + 1, c.first + len(c.prompts), encoder.max_length)
+        seeded = sampling.model_copy(update={"seed": sampling.seed + c.first_image})
+        low, high = cascade.generate(cond, seeded, negative=neg, use_sr=use_sr)
+        images = to_hwc(high if high is not None else low).numpy()
+        made = []
+        for i, image in enumerate(images):
+            start = i - i % sampling.batch_size  # the batch's noise is drawn from seed + its first index
+            batch = {"batch_index": i - start, "batch_size": min(sampling.batch_size, len(images) - start)}
+            meta = image_params(prompt=rows[i], negative_prompt=negative or "", seed=seeded.seed + start, sampling=sampling, use_sr=use_sr,
+                                mode="text", size=image.shape[0], identity=identity, adapters=adapters, **batch)  # fmt: skip
+            extra = {"prompt_index": c.first + i // per_prompt, "image_index": i % per_prompt, "seed": seeded.seed + start, **batch}
+            made.append((png_bytes(image, meta), extra))
+        return made
+
+    total = len(texts) * per_prompt
+    with tqdm(total=total, desc="generate dataset", unit="img") as bar:
+        report = make_dataset(out, texts, settings, per_prompt=per_prompt, chunk=chunk, licence=licence, make=make, on_image=bar.update)
+    if data_format == "webdataset":
+        from imager.data.shard import shard
+
+        size = cascade.sr.resolution if use_sr and cascade.sr is not None else cascade.base.resolution
+        cfg = shard_cfg.model_copy(update={"resolution": size, "val_fraction": 0.0, "distributor": "local"})
+        shard(out, out / "shards", cfg)
+    typer.echo(f"{report['images']} images of {report['prompts']} prompts in {out} ({report['made']} made now, "
+               f"{report['already_there']} already there); settings in {out / SETTINGS}")  # fmt: skip
 
 
 def read_control_options(texts: list[str], files: list[Path] | None, start: float, end: float, default: str) -> tuple[list[tuple[Path, float]], list[Path]]:
