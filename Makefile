@@ -6,7 +6,7 @@ VENV   ?= .venv
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install repro lint browser test test-fast bench mlflow-ui clean-venv
+.PHONY: install repro lint browser test test-fast docs docs-serve bench mlflow-ui clean-venv
 
 install: $(STAMP)
 
@@ -32,6 +32,12 @@ test: lint browser        ## the linter, then the whole test suite (what CI runs
 
 test-fast: lint           ## the linter, then the tests outside the slow tier (no end-to-end training or dvc repro)
 	python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+docs: install             ## build the documentation site into site/ in strict mode (a broken link or reference fails)
+	NO_MKDOCS_2_WARNING=1 mkdocs build --strict
+
+docs-serve: install       ## serve the documentation site at http://127.0.0.1:8000, rebuilt on every change
+	NO_MKDOCS_2_WARNING=1 mkdocs serve
 
 bench: install            ## run the benchmarks into benchmarks/results/ (options: make bench ARGS="--fid --publish")
 	python -m benchmarks $(ARGS)
