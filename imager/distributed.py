@@ -94,7 +94,10 @@ def _map_ray(fn, units, settings: RaySettings, shared, bar, weight) -> Iterator[
             if pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 index = pending.pop(ready[0])
-                done[index] = _get(ray, ready[0], index, settings)
+                try:
+                    done[index] = _get(ray, ready[0], index, settings)
+                except ImagerError as exc:
+                    raise _first_failure(ray, pending, index, exc, settings) from None
                 bar.update(weight(units[index]))
             while emitted in done:
                 yield done.pop(emitted)
@@ -102,6 +105,19 @@ def _map_ray(fn, units, settings: RaySettings, shared, bar, weight) -> Iterator[
     finally:
         if started:
             ray.shutdown()
+
+
+def _first_failure(ray, pending: dict[Any, int], index: int, error: ImagerError, settings: RaySettings) -> ImagerError:
+    """The error of the first unit, in unit order, that fails: the one a local run stops at. Units
+    before ``index`` still running are waited for; a later unit's error is the answer only when
+    they all succeed."""
+    for ref, i in sorted(pending.items(), key=lambda item: item[1]):
+        if i < index:
+            try:
+                _get(ray, ref, i, settings)
+            except ImagerError as earlier:
+                return earlier
+    return error
 
 
 def _get(ray, ref, index: int, settings: RaySettings) -> Any:
