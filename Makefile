@@ -6,7 +6,7 @@ VENV   ?= .venv
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install repro lint browser test test-fast docs docs-serve bench mlflow-ui clean-venv
+.PHONY: install repro lint browser test test-fast docs docs-images docs-serve bench mlflow-ui clean-venv
 
 install: $(STAMP)
 
@@ -35,6 +35,9 @@ test-fast: lint           ## the linter, then the tests outside the slow tier (n
 
 docs: install             ## build the documentation site into site/ in strict mode (a broken link or reference fails)
 	NO_MKDOCS_2_WARNING=1 mkdocs build --strict
+
+docs-images: install      ## redraw the tutorials' pictures (docs/images/tutorials/) from the trained pipeline
+	python docs/run_tutorials.py
 
 docs-serve: install       ## serve the documentation site at http://127.0.0.1:8000, rebuilt on every change
 	NO_MKDOCS_2_WARNING=1 mkdocs serve

@@ -30,7 +30,16 @@ TUTORIALS = sorted((REPO / "docs" / "tutorials").glob("*.md"))
 FENCE = re.compile(r"(<!-- not tested -->\s*\n)?```(\w+)\n(.*?)\n```", re.S)
 RUN = ("bash", "python")
 # What each tutorial must leave behind, beyond its blocks running without an error.
+def drew_its_pictures(name: str):
+    """The pictures the page shows (../images/tutorials/X.png, committed) are the ones its blocks draw."""
+    shown = sorted(set(re.findall(r"\.\./images/tutorials/([\w-]+\.png)", (REPO / "docs" / "tutorials" / name).read_text())))
+    return lambda root: shown == sorted(p.name for p in (root / "tutorial-images").glob("*.png")) and all(
+        (REPO / "docs" / "images" / "tutorials" / png).is_file() for png in shown
+    )
+
+
 LEAVES = {
+    "how-diffusion-works.md": drew_its_pictures("how-diffusion-works.md"),
     "synthetic-data.md": lambda root: len((root / "data/synthetic/manifest.jsonl").read_text().splitlines()) == 12
     and json.loads((root / "synthetic-shard.json").read_text())["kept"] == 12,
 }
