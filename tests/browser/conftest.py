@@ -18,19 +18,24 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
 DEFAULTS = {"sampler": "ddim", "steps": 30, "guidance": 3.0, "threshold": "none", "sr_steps": 3, "sr_guidance": 1.0}
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("app")
-    eng = make_engine(write_models(folder / "models"), folder)
-    eng.submitted = []  # (request data, job) of every submit, in order
+def recording(eng):
+    """``eng`` with ``eng.submitted``: the (request data, job) of every submit, in order."""
+    eng.submitted = []
     submit = eng.submit
 
-    def recording(data):
+    def record(data):
         job = submit(data)
         eng.submitted.append((data, job))
         return job
 
-    eng.submit = recording
+    eng.submit = record
+    return eng
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("app")
+    eng = recording(make_engine(write_models(folder / "models"), folder))
     yield eng
     eng.close()
 

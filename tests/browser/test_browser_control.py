@@ -15,6 +15,7 @@ from imager.app.history import History
 from imager.app.models import ModelRegistry, files_source
 from tests.app.conftest import tiny_loader, write_models
 from tests.app.test_control_app import ADAPTER, NET, make_control
+from tests.browser.conftest import recording
 from tests.browser.test_browser import decoded, finished, pytestmark, start  # noqa: F401  (the module's marks and skip)
 
 
@@ -27,16 +28,7 @@ def engine(tmp_path_factory):
     make_control(base, folder / "control" / NET)
     make_control(base, folder / "control" / ADAPTER, "adapter", seed=5)
     registry = ModelRegistry([files_source(base, sr, label="tiny")], loader=tiny_loader)
-    eng = Engine(registry, History(folder / "history"), controls=ControlLibrary([folder / "control"], default="controlnet"))
-    eng.submitted = []
-    submit = eng.submit
-
-    def recording(data):
-        job = submit(data)
-        eng.submitted.append((data, job))
-        return job
-
-    eng.submit = recording
+    eng = recording(Engine(registry, History(folder / "history"), controls=ControlLibrary([folder / "control"], default="controlnet")))
     yield eng
     eng.close()
 
