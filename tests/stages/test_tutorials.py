@@ -40,6 +40,7 @@ def drew_its_pictures(name: str):
 
 LEAVES = {
     "how-diffusion-works.md": drew_its_pictures("how-diffusion-works.md"),
+    "image-editing.md": drew_its_pictures("image-editing.md"),
     "synthetic-data.md": lambda root: len((root / "data/synthetic/manifest.jsonl").read_text().splitlines()) == 12
     and json.loads((root / "synthetic-shard.json").read_text())["kept"] == 12,
 }
