@@ -25,14 +25,13 @@ import hashlib
 import io
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from imager.errors import ConfigError, DataError
-from imager.io import atomic_write_json, atomic_write_text, read_jsonl, sha256_bytes, write_jsonl
+from imager.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl, sha256_bytes, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -135,22 +134,13 @@ def write_chunk(out: Path, chunk: Chunk, pngs: Sequence[tuple[bytes, dict[str, A
     for key, (data, extra) in zip(chunk.keys, pngs, strict=True):
         caption = chunk.prompts[extra["prompt_index"] - chunk.first]
         name = f"{IMAGES}/{key}.png"
-        _write_bytes(out / name, data)
+        atomic_write_bytes(out / name, data)
         atomic_write_text(out / IMAGES / f"{key}.txt", caption + "\n")
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
         records.append({"key": key, "caption": caption, "file": name, "source": "generated", "licence": licence,
                         "sha256": sha256_bytes(data), "width": width, "height": height, **extra})  # fmt: skip
     return records
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_manifest(out: Path, records: dict[str, dict[str, Any]]) -> None:
