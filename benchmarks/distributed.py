@@ -95,7 +95,7 @@ def bench_distributed(params, tmp: Path, *, quick: bool, seed: int = 0) -> tuple
         em = em.model_copy(update={"batch_size": 8})
     unit = {"download": 50 if quick else 250, "shard": 10 if quick else 250, "embed": 16 if quick else 256}
     started = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         start_s = time.perf_counter() - started
         _warm_up(2, em)

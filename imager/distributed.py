@@ -164,12 +164,13 @@ def import_ray():
 
 def connect(ray) -> bool:
     """Join the cluster of ``RAY_ADDRESS`` (or the Ray already running in this process), else start a
-    local one; True when this call started it (and its caller stops it)."""
+    local one of this process's own (``address="local"``: never a cluster that ``ray start`` left on
+    the machine, alive or not); True when this call started it (and its caller stops it)."""
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS") or None
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     except ConnectionError as exc:
         raise ConfigError(f"RAY_ADDRESS={address}: cannot join the Ray cluster ({_first_line(exc)})") from None
     where = f"the cluster at {address}" if address else "a local Ray"

@@ -38,7 +38,7 @@ def tree(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray of two CPUs for the module: the stages join it (and leave it running)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,3 +59,7 @@ def test_a_stage_joins_the_cluster_of_ray_address(data, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(10)
+        # `ray start` records its cluster for later `ray.init()` calls on the machine; forget ours
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if address and current.is_file() and current.read_text().strip() == address:
+            current.unlink()
