@@ -1,4 +1,4 @@
-"""The README's picture of the web app, from a run: `python docs/ui_screenshot.py` (after `dvc repro`).
+"""The docs' picture of the web app (docs/images/ui.png), from a run: `python docs/ui_screenshot.py` (after `dvc repro`).
 
 Starts `imager ui` on the workspace's trained cascade (history in a temporary folder), makes a few
 images through the page in Debian's headless Chromium, and saves docs/images/ui.png.

@@ -1,5 +1,5 @@
-"""Fixtures of the stage tests: one tiny OpenMoji data set (download -> shard -> embed) shared by
-every module of the package."""
+"""Fixtures of the stage tests: one tiny OpenMoji data set (download -> shard -> embed) and one
+tiny DVC project reproduced by `dvc repro`, each shared by every module of the package."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from stages.app import app
+from tests.stages import tiny_pipeline
 
 runner = CliRunner()
 
@@ -43,3 +44,12 @@ def data(tmp_path_factory) -> dict:
     return {"root": root, "raw": root / "raw", "shards": root / "shards", "emb": root / "emb", "train": counts["train"]}
 
 
+
+
+@pytest.fixture(scope="package")
+def pipeline(tmp_path_factory) -> dict:
+    """The tiny DVC project (tiny_pipeline.py) after one `dvc repro` of dvc.yaml: its folder and what
+    the repro printed. Tests that change it work on a copy (tiny_pipeline.copy)."""
+    project = tiny_pipeline.create(tmp_path_factory.mktemp("pipeline") / "project")
+    output = tiny_pipeline.sh(project, "dvc", "repro")
+    return {"project": project, "output": output}

@@ -4,59 +4,21 @@ to MLflow only), and an unknown key anywhere in params.yaml fails the next repro
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import mlflow
 import yaml
 
-from tests.conftest import REPO, tiny_params
+from tests.stages.tiny_pipeline import EXPERIMENT, copy, env, sh
 
-BIN = Path(sys.executable).parent
-
-
-def sh(cwd: Path, *cmd: str) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}"
-    return out.stdout + out.stderr
+STAGES = ["download", "shard", "embed", "train-base", "train-sr", "train-evaluator", "evaluate", "evaluate-edits"]
+DVC_STAGES = ["params"] + [s.replace("-", "_") for s in STAGES]
 
 
-def lock_hashes(project: Path) -> dict:
+def lock_hashes(project) -> dict:
     """md5 of every output in dvc.lock, reports and plots included."""
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     return {name: [(o["path"], o["md5"]) for o in stage.get("outs", [])] for name, stage in lock["stages"].items()}
-
-
-TINY_MODEL = {"base_channels": 8, "channel_mults": [1, 2], "attention_levels": [1], "head_dim": 8, "norm_groups": 4, "num_res_blocks": 1}
-TINY_TRAIN = {"steps": 3, "batch_size": 2, "log_every": 1, "checkpoint_every": 2, "model": TINY_MODEL, "grid": {"every": 0, "steps": 2, "per_prompt": 1}}
-TINY_EVALUATOR = {"resolution": 16, "channels": [8, 16], "feature_dim": 8, "epochs": 1, "batch_size": 4}
-TINY_EVALUATE = {
-    "prompts": 3, "batch_size": 4, "base": {"steps": 2}, "sr": {"steps": 2}, "r_precision_k": 2, "grid_rows": 2,
-    "sweep": {"samplers": ["ddim"], "steps": [2], "reference_steps": 3, "prompts": 2},
-}  # fmt: skip
-TINY_EDITS = {
-    "images": 2, "grid_images": 1, "inpaint": {"masks": ["centre"], "border": 2, "resample": 2},
-    "img2img": {"strengths": [0.5, 1.0], "samplers": ["ddim"], "images": 2},
-}  # fmt: skip
-TINY_DATASETS = {"lineart": {"download": {"openmoji": {"style": "line"}, "caption_format": "{caption}, line art"}, "embed": {"prompts": ["red heart, line art"]}}}
-TINY_FINETUNE = {
-    "dataset": "lineart", "base": {"steps": 2, "grid": {"every": 1}}, "lora": {"steps": 2, "grid": {"every": 1}, "lora": {"rank": 2}}, "extra_ranks": [1],
-    "evaluate": {"prompts": 3, "forgetting_prompts": 3, "probe_prompts": 2, "grid_rows": 2},
-}  # fmt: skip
-TINY_CONTROL = {
-    "data": "data", "default": "controlnet", "pairs": "lineart",
-    "variants": {
-        "controlnet": {"steps": 2, "grid": {"every": 1}, "control": {"arch": "controlnet", "hint_channels": [4]}},
-        "adapter": {"steps": 2, "grid": {"every": 1}, "control": {"arch": "adapter", "hint_channels": [4]}},
-    },
-    "evaluate": {"scales": [0.0, 1.0]},
-}  # fmt: skip
-STAGES = ["download", "shard", "embed", "train-base", "train-sr", "train-evaluator", "evaluate", "evaluate-edits"]
-DVC_STAGES = ["params"] + [s.replace("-", "_") for s in STAGES]
 
 
 def pipeline_ids(experiment: str) -> list[tuple[str, str, str]]:
@@ -65,37 +27,9 @@ def pipeline_ids(experiment: str) -> list[tuple[str, str, str]]:
     return [(r.data.tags["imager.pipeline_run"], r.data.tags["imager.stage"], r.data.tags.get("imager.dvc_exp_name", "")) for r in runs]
 
 
-def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, mlflow_uri):
-    project = tmp_path / "project"
-    project.mkdir()
-    for item in ("dvc.yaml", ".dvcignore", "imager", "stages", "finetune", "control"):
-        src = REPO / item
-        if src.is_dir():
-            shutil.copytree(src, project / item, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, project / item)
-    params = tiny_params(
-        tracking={"enabled": True, "experiment": "dvc-e2e"},
-        download={"limit": 20, "resolution": 16},
-        shard={"resolution": 16, "val_fraction": 0.3, "samples_per_shard": 4},
-        embed={"encoder": "minilm", "max_length": 8, "batch_size": 16, "prompts": ["red heart"]},
-        train_base={**TINY_TRAIN, "resolution": 8},
-        train_sr={**TINY_TRAIN, "lowres": 8, "resolution": 16, "crop": None},
-        evaluator=TINY_EVALUATOR,
-        evaluate=TINY_EVALUATE,
-        edits=TINY_EDITS,
-        datasets=TINY_DATASETS,
-        finetune=TINY_FINETUNE,
-        control=TINY_CONTROL,
-    )
-    (project / "params.yaml").write_text(yaml.safe_dump({"seed": 0, "sampler": "dpmpp_2m", **params}))
-    sh(project, "git", "init", "-q")
-    sh(project, "dvc", "init", "-q")
-    shutil.copytree(REPO / ".dvc" / "plots", project / ".dvc" / "plots", dirs_exist_ok=True)  # the sweep template
-    sh(project, "git", "add", "-A")
-    sh(project, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny")
-
-    first = sh(project, "dvc", "repro")
+def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, pipeline):
+    project = copy(pipeline["project"], tmp_path / "project")
+    first = pipeline["output"]
     for stage in DVC_STAGES:
         assert f"Running stage '{stage}'" in first
     for out in ("data/raw/manifest.jsonl", "data/shards/index.json", "data/embeddings/embeddings.safetensors",
@@ -122,8 +56,7 @@ def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, mlflow_uri)
     # An unknown key no stage reads still fails the next repro (the `params` stage reads the whole file).
     good = (project / "params.yaml").read_text()
     (project / "params.yaml").write_text(good + "foo: 1\n")
-    out = subprocess.run(["dvc", "repro"], cwd=project, capture_output=True, text=True,
-                         env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    out = subprocess.run(["dvc", "repro"], cwd=project, capture_output=True, text=True, env=env())
     assert out.returncode != 0 and "error: params.yaml: foo: unknown key" in out.stdout + out.stderr
     assert "Running stage 'download'" not in out.stdout  # it runs first
     (project / "params.yaml").write_text(good)
@@ -142,8 +75,8 @@ def test_dvc_repro_is_complete_idempotent_and_reproducible(tmp_path, mlflow_uri)
     assert "Running stage 'shard'" not in changed and "Running stage 'download'" not in changed
 
     # MLflow: one pipeline id per dvc invocation, shared by the stages it ran; exp runs are tagged.
-    mlflow.set_tracking_uri(mlflow_uri)
-    runs = pipeline_ids("dvc-e2e")
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")  # the project's own store
+    runs = pipeline_ids(EXPERIMENT)
     rerun = ["embed", "train-base", "train-sr", "train-evaluator", "evaluate", "evaluate-edits"]
     assert [stage for _, stage, _ in runs] == STAGES + STAGES + ["evaluate", "evaluate-edits"] + rerun
     ids = [pid for pid, _, _ in runs]

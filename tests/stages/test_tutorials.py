@@ -1,7 +1,11 @@
 """The tutorials of docs/tutorials/ run as written: every ```bash block through bash and every
-```python block in one namespace per tutorial, in order, in a project folder whose pipeline outputs
-are a tiny random cascade of the text encoder's dimensions (the real MiniLM of params.yaml). A
-tutorial that goes stale (a renamed option, a file that is no longer written) fails here.
+```python block in one namespace per tutorial, in order, in a project folder. A tutorial that goes
+stale (a renamed option, a file that is no longer written) fails here.
+
+The folder is one of (WHERE): ``models``, whose pipeline outputs are a tiny random cascade of the
+text encoder's dimensions (the real MiniLM of params.yaml), the default; ``fresh``, the project's
+real pipelines in a git + DVC project on tiny params, nothing reproduced yet (a fresh clone);
+``pipeline``, a copy of that project after `dvc repro` (tests/stages/tiny_pipeline.py).
 
 A block right after an ``<!-- not tested -->`` line is shown only (a ``yaml`` or ``text`` block
 always is)."""
@@ -24,6 +28,7 @@ from imager.diffusion.config import ScheduleConfig
 from imager.models import save_model
 from imager.models.unet import UNet
 from tests.conftest import REPO, tiny_params
+from tests.stages import tiny_pipeline
 from tests.unit.test_unet import randomized, tiny
 
 TUTORIALS = sorted((REPO / "docs" / "tutorials").glob("*.md"))
@@ -46,13 +51,17 @@ LEAVES = {
 }
 
 
+# Where each tutorial runs (see the module's docstring); not listed: "models".
+WHERE: dict[str, str] = {}
+
+
 def blocks(path: Path) -> list[tuple[str, str]]:
     """(language, code) of the blocks to run, in order."""
     return [(lang, code) for skip, lang, code in FENCE.findall(path.read_text(encoding="utf-8")) if lang in RUN and not skip]
 
 
 @pytest.fixture
-def project(tmp_path) -> Path:
+def models(tmp_path) -> Path:
     """params.yaml (tiny) and data/models/{base,sr}/model.safetensors, as `make repro` leaves them."""
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seed": 0, "sampler": "ddim", **tiny_params()}))
     text = {"text_dim": 384, "pooled_dim": 384, "context_length": tiny_params()["embed"]["max_length"]}  # MiniLM's
@@ -83,9 +92,23 @@ def test_every_tutorial_has_blocks_to_run():
         assert path.name in LEAVES, f"{path.name}: say in LEAVES what it must leave behind"
 
 
+@pytest.fixture
+def project(request, tmp_path) -> Path:
+    """The folder the test's tutorial (its `path` parameter) runs in."""
+    name = request.node.callspec.params["path"].name
+    where = WHERE.get(name, "models")
+    if where == "fresh":
+        return tiny_pipeline.create(tmp_path / "project")
+    if where == "pipeline":
+        return tiny_pipeline.copy(request.getfixturevalue("pipeline")["project"], tmp_path / "project")
+    assert where == "models", f"{name}: unknown WHERE {where!r}"
+    return request.getfixturevalue("models")
+
+
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
-def test_the_tutorial_runs_as_written(path, project):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+def test_the_tutorial_runs_as_written(path, project, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # runs go to the project's own mlflow.db, as on a user's machine
+    env = tiny_pipeline.env()
     namespace: dict = {"__name__": "__tutorial__"}
     for i, (lang, code) in enumerate(blocks(path), start=1):
         if lang == "bash":

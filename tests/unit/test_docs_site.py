@@ -5,6 +5,7 @@ carry the library's docstrings; and a broken link does fail the build."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,3 +62,20 @@ def test_a_broken_link_fails_the_build(tmp_path):
         fh.write("\nSee [the missing page](nowhere.md).\n")
     result = build(root, tmp_path / "site")
     assert result.returncode != 0 and "nowhere.md" in result.stderr
+
+
+def test_the_readme_and_the_front_page_lead_to_every_tutorial_and_guide():
+    """The README is the front door: every tutorial and guide of the nav is one link away from it
+    and from the site's front page, and every link of the README into the repository resolves."""
+    cfg = yaml.load((REPO / "mkdocs.yml").read_text(), Loader=yaml.BaseLoader)
+    sections = {next(iter(item)): next(iter(item.values())) for item in cfg["nav"] if isinstance(item, dict)}
+    wanted = [next(iter(entry.values())) for name in ("Tutorials", "Guides") for entry in sections[name]]
+    assert len(wanted) > 10
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    index = (REPO / "docs" / "index.md").read_text(encoding="utf-8")
+    for page in wanted:
+        assert f"](docs/{page})" in readme, f"the README does not link docs/{page}"
+        assert f"]({page})" in index, f"docs/index.md does not link {page}"
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme):
+        if not target.startswith(("http://", "https://")):
+            assert (REPO / target).exists(), f"the README links {target}, which does not exist"
