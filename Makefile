@@ -38,6 +38,7 @@ docs: install             ## build the documentation site into site/ in strict m
 
 docs-images: install      ## redraw the tutorials' pictures (docs/images/tutorials/) from the trained pipeline
 	python docs/run_tutorials.py
+	python docs/mlflow_screenshots.py   # the MLflow UI of the experiments tutorial, from ./mlflow.db (docs/images/mlflow/)
 
 docs-serve: install       ## serve the documentation site at http://127.0.0.1:8000, rebuilt on every change
 	NO_MKDOCS_2_WARNING=1 mkdocs serve
