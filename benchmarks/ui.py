@@ -40,10 +40,39 @@ PROMPTS = ("red apple", "smiling face with sunglasses", "blue car", "green tree"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(cmd: list[str], cwd: Path, health: str, log_path: Path, timeout: float):
+    """A server started by ``cmd``, once ``health`` answers 200 within ``timeout`` s; yields its
+    process and stops it on exit. Its output goes to ``log_path``: a pipe nobody reads would stall
+    the server once full, and the log's tail is the error when it exits early."""
+    import httpx
+
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{cmd[2]} exited: {log_path.read_text(encoding='utf-8')[-2000:]}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(health, timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{cmd[2]} did not answer within {timeout:.0f} s")
+                time.sleep(0.2)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def _rss_mib(pid: int) -> float:
@@ -57,35 +86,13 @@ def _rss_mib(pid: int) -> float:
 @contextlib.contextmanager
 def ui_server(base: Path, sr: Path, params: Path, history: Path):
     """``imager ui`` in a subprocess on a free loopback port; yields (url, process)."""
-    import httpx
-
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "stages.app", "ui", "--port", str(port), "--no-mlflow", "--history", str(history),
            "--params", str(params), "--base", str(base), "--sr", str(sr), "--device", "cpu"]  # fmt: skip
     history.mkdir(parents=True, exist_ok=True)
-    log_path = history.parent / "server.log"  # a file, not a pipe: a pipe nobody reads would stall the server once full
-    log_file = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in the finally below
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"imager ui exited: {log_path.read_text(encoding='utf-8')[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/api/v1/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("imager ui did not answer within 300 s")
-            time.sleep(0.2)
+    with served(cmd, REPO, f"{url}/api/v1/health", history.parent / "server.log", timeout=300) as proc:
         yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log_file.close()
 
 
 def server_request(client, prompt: str, seed: int) -> dict[str, float]:

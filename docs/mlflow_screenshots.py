@@ -19,16 +19,17 @@ import contextlib
 import json
 import re
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.ui import free_port, served  # noqa: E402
+
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 STAGE = "tags.`imager.stage` = 'evaluate'"
 METRICS = ("fid_evaluator", "r_precision_evaluator", "clip_score_evaluator")
@@ -52,42 +53,15 @@ def evaluate_runs(store: Path) -> tuple[str, list[str], int]:
     return runs[0].info.experiment_id, [run.info.run_id for run in runs], len(found)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def mlflow_server(store: Path) -> Iterator[str]:
     """`mlflow server` on the store (a copy: it may write), on a free loopback port; yields its URL."""
-    import httpx
-
     port = free_port()
-    log_path = store.parent / "server.log"
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}", "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1", "--default-artifact-root", str(store.parent / "artifacts")]  # fmt: skip
-    with open(log_path, "w", encoding="utf-8") as log:  # a file, not a pipe nobody reads
-        proc = subprocess.Popen(cmd, cwd=store.parent, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"mlflow server exited: {log_path.read_text(encoding='utf-8')[-2000:]}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError("mlflow server did not answer within 120 s")
-                time.sleep(0.3)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    url = f"http://127.0.0.1:{port}"
+    with served(cmd, store.parent, f"{url}/health", store.parent / "server.log", timeout=120):
+        yield url
 
 
 def shoot(url: str, experiment: str, runs: list[str], listed: int, out: Path) -> list[Path]:
